@@ -1,0 +1,1 @@
+"""Command-line entry points (thin Hydra shells around plain, testable functions)."""

@@ -1,0 +1,40 @@
+"""Locating the YAML configs and composing them outside of ``@hydra.main`` (tests, notebooks)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+__all__ = ["config_dir", "compose_config"]
+
+
+def config_dir() -> str:
+    """Absolute path of the ``configs/`` folder (``$FRAGDEFENSE_CONFIG_DIR`` overrides)."""
+    env = os.environ.get("FRAGDEFENSE_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    for c in candidates:
+        if (c / "train.yaml").is_file():
+            return str(c)
+    raise FileNotFoundError(
+        "cannot find the fragdefense configs (train.yaml); install from a clone with `pip install -e .` "
+        "or set FRAGDEFENSE_CONFIG_DIR to the repository's configs/ folder"
+    )
+
+
+def compose_config(config_name: str = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a config exactly as the command line would (without changing directory or logging).
+
+    >>> cfg = compose_config("train", ["trainer.max_epochs=1"])
+    >>> cfg.trainer.max_epochs
+    1
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,175 @@
+"""``fragdefense-train``: train a classifier (optionally with a defense) from a Hydra config.
+
+``train(cfg)`` is a plain function (tests call it with a composed config); ``main`` is the Hydra shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from fragdefense.cli._config import config_dir
+from fragdefense.utils.io import atomic_write_json, atomic_write_text
+
+__all__ = ["train", "main"]
+
+log = logging.getLogger("fragdefense.train")
+
+
+def _resolve_run_dir(cfg: DictConfig) -> Path:
+    try:
+        rd = cfg.run_dir
+    except Exception:  # noqa: BLE001 - ${hydra:...} is unresolvable outside @hydra.main
+        rd = None
+    if not rd:
+        rd = os.path.join(
+            "runs", str(cfg.get("task_name", "train")), datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        )
+    return Path(rd).absolute()
+
+
+def _is_set(node: Any) -> bool:
+    return isinstance(node, DictConfig) and "_target_" in node
+
+
+def _scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and test) as described by ``cfg``; returns the summary that is also written to
+    ``<run_dir>/metrics.json``.
+
+    Writes ``config.yaml`` (resolved), ``probe_indices.json``, ``checkpoints/{last,best-*}.ckpt``,
+    ``metrics.json``, the CSV log and the W&B run into the run directory.
+    """
+    t_start = time.perf_counter()
+    run_dir = _resolve_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    regularizer = instantiate(cfg.regularizer) if _is_set(cfg.get("regularizer")) else None
+    module = instantiate(cfg.module, model=model, regularizer=regularizer, _convert_="all")
+
+    loggers = instantiate(cfg.logger) if _is_set(cfg.get("logger")) else []
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if _is_set(c)]
+    if not loggers:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    for lg in loggers:
+        lg.log_hyperparams(resolved)
+
+    datamodule.setup("fit")
+    if trainer.is_global_zero:
+        datamodule.save_probe(run_dir / "probe_indices.json")
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    train_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
+    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
+    test_metrics: dict[str, Any] = {}
+    if cfg.get("test", True):
+        res = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        test_metrics = {k: _scalar(v) for k, v in (res[0] if res else {}).items()}
+
+    timer = next((c for c in trainer.callbacks if type(c).__name__ == "EpochTimer"), None)
+    epoch_s = list(getattr(timer, "epoch_seconds", []))
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "model": cfg.model.get("name"),
+        "data": getattr(datamodule, "name", type(datamodule).__name__),
+        "regularizer": cfg.regularizer.get("_target_") if _is_set(cfg.get("regularizer")) else None,
+        "seed": int(cfg.seed),
+        "epochs": int(trainer.current_epoch),
+        "global_step": int(trainer.global_step),
+        "seconds_per_epoch": (sum(epoch_s) / len(epoch_s)) if epoch_s else None,
+        "train_seconds": sum(epoch_s) if epoch_s else None,
+        "total_seconds": time.perf_counter() - t_start,
+        "best_val_acc": _scalar(ckpt_cb.best_model_score)
+        if ckpt_cb is not None and ckpt_cb.best_model_score is not None
+        else None,
+        "best_checkpoint": best,
+        "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt")
+        if ckpt_cb is not None and ckpt_cb.dirpath
+        else None,
+        "final_epoch_metrics": train_metrics,
+        "test": test_metrics,
+        "device": str(module.device),
+        "torch": torch.__version__,
+    }
+    wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
+    if wandb_loggers and trainer.is_global_zero:
+        run = wandb_loggers[0].experiment
+        summary["wandb"] = {
+            "id": run.id,
+            "dir": str(Path(run.dir).parent),
+            "mode": "offline" if run.offline else "online",
+        }
+        run.summary.update({f"final/{k}": v for k, v in test_metrics.items()})
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "metrics.json", summary)
+        _print_summary(summary)
+    for lg in wandb_loggers:
+        lg.experiment.finish()
+    return summary
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="fragdefense-train summary", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "-"
+
+    t.add_row("model / data", f"{s['model']} / {s['data']}")
+    t.add_row("epochs", str(s["epochs"]))
+    t.add_row("test accuracy", pct(s["test"].get("test/acc")))
+    t.add_row("best val accuracy", pct(s["best_val_acc"]))
+    if s["seconds_per_epoch"] is not None:
+        t.add_row("seconds / epoch", f"{s['seconds_per_epoch']:.1f}")
+    t.add_row("total time", f"{s['total_seconds']:.1f} s")
+    t.add_row("best checkpoint", str(s["best_checkpoint"]))
+    t.add_row("run directory", s["run_dir"])
+    if "wandb" in s:
+        w = s["wandb"]
+        hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
+        t.add_row("W&B run", escape(f"{w['id']} [{w['mode']}]{hint}"))
+    Console().print(t)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    """Console script ``fragdefense-train``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""``ClassifierModule``: the LightningModule that trains any registered model with an optional
+regularizer (defense)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from fragdefense.regularizers import Regularizer
+
+__all__ = ["ClassifierModule", "build_optimizer"]
+
+_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(params: Any, name: str = "sgd", lr: float = 0.1, **kw: Any) -> torch.optim.Optimizer:
+    """``torch.optim`` optimizer by name (``sgd``, ``adam``, ``adamw``).
+
+    >>> build_optimizer(nn.Linear(2, 2).parameters(), "adam", lr=1e-3).defaults["lr"]
+    0.001
+    """
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer `name`={name!r}; expected one of {sorted(_OPTIMIZERS)}")
+    return _OPTIMIZERS[name](params, lr=lr, **kw)
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classification with optional regularizer, per-stage accuracy, and schedulers.
+
+    Args:
+        model: an ``nn.Module`` mapping images in ``[0, 1]`` to logits (see :mod:`fragdefense.models`).
+        num_classes: number of classes (for the accuracy metrics).
+        optimizer: ``{"name": "sgd"|"adam"|"adamw", "lr": ..., **kwargs}``.
+        scheduler: ``{"name": "onecycle"|"cosine"|"step"|"none", ...}``; ``onecycle`` and ``cosine`` are
+            stepped per batch (``warmup_epochs`` for cosine), ``step`` per epoch (``step_size``, ``gamma``).
+        label_smoothing: cross-entropy label smoothing.
+        regularizer: a :class:`~fragdefense.regularizers.Regularizer` or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        regularizer: Regularizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "regularizer"])
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.optimizer_cfg = dict(optimizer or {"name": "sgd", "lr": 0.05, "momentum": 0.9})
+        self.scheduler_cfg = dict(scheduler or {"name": "none"})
+        self.label_smoothing = float(label_smoothing)
+        self.regularizer = regularizer
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _epoch_float(self) -> float:
+        nb = self.trainer.num_training_batches if self._trainer is not None else 0
+        if not nb or not math.isfinite(nb):
+            return float(self.current_epoch)
+        return self.current_epoch + (self.trainer.fit_loop.epoch_loop.batch_progress.current.ready % nb) / nb
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        reg = self.regularizer
+        x_train = reg.training_input(self.model, x, y) if reg is not None else x
+        logits = self.model(x_train)
+        task = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss = task
+        if reg is not None:
+            out = reg.penalty(self.model, x, x_train, y, logits)
+            w = reg.current_weight(self._epoch_float())
+            if out.penalty is not None:
+                loss = task + w * out.penalty
+                self.log(f"train/reg/{reg.name}", out.penalty.detach(), on_step=False, on_epoch=True)
+            self.log("train/reg_weight", w, on_step=False, on_epoch=True)
+            for k, v in out.logs.items():
+                self.log(f"train/reg/{k}", v, on_step=False, on_epoch=True)
+        self.train_acc(logits.detach(), y)
+        self.log("train/task_loss", task.detach(), on_step=False, on_epoch=True)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        metric(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        cfg = dict(self.optimizer_cfg)
+        opt = build_optimizer(self.parameters(), **cfg)
+        sch = dict(self.scheduler_cfg)
+        name = sch.pop("name", "none")
+        if name in (None, "none"):
+            return opt
+        if name == "onecycle":
+            total = int(self.trainer.estimated_stepping_batches)
+            s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, **sch)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+        if name == "cosine":
+            total = int(self.trainer.estimated_stepping_batches)
+            warm = int(float(sch.pop("warmup_epochs", 0.0)) * total / max(1, self.trainer.max_epochs or 1))
+            if sch:
+                raise ValueError(f"unknown cosine scheduler options {sorted(sch)}; expected warmup_epochs")
+
+            def f(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+            s = torch.optim.lr_scheduler.LambdaLR(opt, f)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+        if name == "step":
+            s = torch.optim.lr_scheduler.StepLR(opt, **sch)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "epoch"}}
+        raise ValueError(f"unknown scheduler `name`={name!r}; expected onecycle, cosine, step or none")

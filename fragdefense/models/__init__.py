@@ -1,0 +1,231 @@
+"""Model registry (timm style): ``create_model(name, **kw)`` and ``list_models()``.
+
+Every model is wrapped in :class:`ImageClassifier`, which takes images in ``[0, 1]`` and normalises
+inside the model, so attack budgets ``eps`` are always in pixel units of ``[0, 1]`` images.
+
+>>> import torch
+>>> from fragdefense.models import create_model, list_models
+>>> "small_cnn" in list_models()
+True
+>>> model = create_model("small_cnn", num_classes=10)
+>>> model(torch.rand(2, 3, 32, 32)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fragdefense.models.cifar import PreActResNet, ResNetCifar, SmallCNN, WideResNet
+from fragdefense.models.softplus import count_relus, set_softplus_beta, to_softplus
+
+__all__ = [
+    "ImageClassifier",
+    "create_model",
+    "list_models",
+    "register_model",
+    "to_softplus",
+    "set_softplus_beta",
+    "count_relus",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageClassifier(nn.Module):
+    """``backbone((x - mean) / std)`` for images ``x`` in ``[0, 1]``; returns logits ``(B, num_classes)``.
+
+    Attributes ``backbone``, ``num_classes`` and ``name`` are public; ``mean``/``std`` are buffers so
+    they move with ``.to(device)`` and are stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(
+                f"`mean` and `std` must have one value per channel, got {len(mean)} and {len(std)}"
+            )
+        if any(float(s) <= 0 for s in std):
+            raise ValueError(f"`std` must be > 0 per channel, got {list(std)}")
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.name = name
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, -1, 1, 1))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.mean.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(
+                f"`x` must have shape (B, {self.mean.shape[1]}, H, W) with pixels in [0, 1], got {tuple(x.shape)}"
+            )
+        return self.backbone((x - self.mean) / self.std)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_TORCHVISION = ("squeezenet1_1", "squeezenet1_0", "resnet18", "resnet50", "vgg16", "vgg16_bn", "alexnet")
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a backbone factory ``fn(num_classes, **kw) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+@register_model("small_cnn")
+def _small_cnn(num_classes: int = 10, width: int = 32, in_channels: int = 3) -> nn.Module:
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+@register_model("resnet18_cifar")
+def _resnet18_cifar(num_classes: int = 10, width: int = 64) -> nn.Module:
+    return ResNetCifar(num_classes=num_classes, num_blocks=(2, 2, 2, 2), width=width)
+
+
+@register_model("preact_resnet18")
+def _preact_resnet18(num_classes: int = 10, width: int = 64) -> nn.Module:
+    return PreActResNet(num_classes=num_classes, num_blocks=(2, 2, 2, 2), width=width)
+
+
+@register_model("wrn28_10")
+def _wrn28_10(num_classes: int = 10, depth: int = 28, widen: int = 10, dropout: float = 0.0) -> nn.Module:
+    return WideResNet(num_classes=num_classes, depth=depth, widen=widen, dropout=dropout)
+
+
+def _torchvision_factory(tv_name: str) -> Callable[..., nn.Module]:
+    def fn(num_classes: int = 1000, **kw: Any) -> nn.Module:
+        import torchvision
+
+        if "weights" in kw and kw["weights"] is not None:
+            raise ValueError(
+                "`weights` downloads from the internet and is not supported; pass `weights_path=` "
+                "to a local state_dict file (e.g. from torchvision's download cache) instead"
+            )
+        kw.pop("weights", None)
+        net = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kw)
+        for m in net.modules():  # in-place ReLUs break double backprop and captum's DeepLift
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        return net
+
+    return fn
+
+
+for _n in _TORCHVISION:
+    _REGISTRY[_n] = _torchvision_factory(_n)
+
+
+def list_models() -> list[str]:
+    """Registered model names (sorted). Any torchvision classification model is also available as
+    ``"torchvision.<name>"``."""
+    return sorted(_REGISTRY)
+
+
+def _default_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if name in _TORCHVISION or name.startswith("torchvision."):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return CIFAR10_MEAN, CIFAR10_STD
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    weights_path: str | Path | None = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> ImageClassifier:
+    """Build a registered model wrapped in :class:`ImageClassifier` (input in ``[0, 1]``).
+
+    Args:
+        name: a name from :func:`list_models`, or ``"torchvision.<name>"`` for any torchvision model.
+        num_classes: output classes.
+        mean, std: per-channel normalisation applied inside the model (defaults: CIFAR-10 statistics for
+            the CIFAR architectures, ImageNet statistics for torchvision architectures).
+        weights_path: optional local file holding either a full ``ImageClassifier`` state dict, a
+            Lightning checkpoint of one, or a plain backbone state dict (e.g. torchvision's ``.pth``).
+            Nothing is ever downloaded.
+        strict: passed to ``load_state_dict``.
+        **kwargs: forwarded to the architecture (e.g. ``width=64`` for ``small_cnn``).
+
+    >>> create_model("resnet18_cifar", num_classes=100).num_classes
+    100
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a model name string, got {type(name).__name__}")
+    if name.startswith("torchvision."):
+        factory = _torchvision_factory(name.split(".", 1)[1])
+    elif name in _REGISTRY:
+        factory = _REGISTRY[name]
+    else:
+        raise ValueError(
+            f"unknown model `name`={name!r}; registered: {', '.join(list_models())} "
+            "(or 'torchvision.<name>' for any torchvision classification model)"
+        )
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}")
+    dmean, dstd = _default_stats(name)
+    backbone = factory(num_classes=num_classes, **kwargs)
+    model = ImageClassifier(
+        backbone,
+        num_classes,
+        mean=tuple(mean) if mean is not None else dmean,
+        std=tuple(std) if std is not None else dstd,
+        name=name,
+    )
+    if weights_path is not None:
+        load_weights(model, weights_path, strict=strict)
+    return model
+
+
+def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) -> ImageClassifier:
+    """Load a local weights file into ``model`` (see :func:`create_model` for accepted formats)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`weights_path` does not exist or is not a file: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
+        state = {
+            k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")
+        }
+    if not isinstance(state, dict):
+        raise ValueError(f"`weights_path` {path} does not hold a state dict (got {type(state).__name__})")
+    target: nn.Module = model if any(k.startswith("backbone.") for k in state) else model.backbone
+    try:
+        target.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise ValueError(
+            f"`weights_path` {path} does not match model {model.name!r} "
+            f"(num_classes={model.num_classes}): {str(e).splitlines()[0]} ..."
+        ) from e
+    return model

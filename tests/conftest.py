@@ -1,0 +1,25 @@
+"""Shared test fixtures. W&B runs in its real offline mode (no API key in CI)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")  # never try the network from tests
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def cifar10_jpeg_root() -> str:
+    """Path of the CIFAR-10 JPEG copy (REFERENCE.md section 7), from $FRAGDEFENSE_CIFAR10_JPEG."""
+    root = os.environ.get("FRAGDEFENSE_CIFAR10_JPEG")
+    if not root:
+        pytest.skip(
+            "real-data test: set FRAGDEFENSE_CIFAR10_JPEG to the extracted cifar10-jpeg folder (.ci/run does)"
+        )
+    if not os.path.isdir(os.path.join(root, "train")):
+        pytest.skip(f"real-data test: FRAGDEFENSE_CIFAR10_JPEG={root!r} has no train/ folder")
+    return root
