@@ -1,0 +1,594 @@
+r"""Per-map similarity metrics between attribution (saliency) maps: the functional core.
+
+Every function takes a batch of maps ``(B, H, W)`` or ``(B, D)`` and returns one value per sample, shape
+``(B,)`` (``(B, 2)`` for :func:`center_of_mass`), in the dtype of the first map argument. Everything is batched
+over ``B`` with tensor ops (no Python loop over samples), runs on the inputs' device, and imports only torch.
+
+Conventions shared by all functions
+-----------------------------------
+* Maps are flattened row-major: pixel ``(i, j)`` of an ``H x W`` map has flat index ``i * W + j``.
+* **Top-k sets** ``T_k(a)``: the ``k`` largest entries of ``a``; ties at the k-th value are broken in favour of
+  the *lower flat index* (deterministic, unlike :func:`torch.topk`).
+* **Windows** ``N_w(T)``: the union of the ``(2w+1) x (2w+1)`` squares centred on the pixels of ``T``,
+  clipped at the image borders (never wrapping from one row to the next).
+* **Invalid input** raises instead of returning NaN: non-tensor / int dtype -> ``TypeError``; wrong ndim,
+  NaN or Inf, shape mismatch, ``k`` outside ``[1, D]`` -> ``ValueError`` naming the argument.
+* **Degenerate input** has a defined answer, documented per function (e.g. rank correlation with a
+  constant map).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fragdefense.metrics._checks import (
+    check_finite,
+    check_mask,
+    check_nonneg,
+    check_one_map,
+    check_two_maps,
+)
+from fragdefense.utils.checks import check_int_in_range
+
+__all__ = [
+    "topk_intersection",
+    "spearman",
+    "kendall_tau",
+    "center_of_mass",
+    "center_shift",
+    "lens_topk",
+    "topk_div",
+    "mask_mass",
+    "pointing_game",
+]
+
+_LENS_MODES = ("recall", "precision")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# private helpers
+# ----------------------------------------------------------------------------------------------------------
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """Float dtype for exact-ish accumulation: float64 except on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _flat(a: Tensor) -> Tensor:
+    return a.reshape(a.shape[0], _numel(a))
+
+
+def _numel(a: Tensor) -> int:
+    """Elements per map, ``D`` (valid for an empty batch too)."""
+    return math.prod(a.shape[1:])
+
+
+def _check_k(k: int, d: int) -> int:
+    return check_int_in_range(k, "k", 1, d)
+
+
+def _check_window(window: int) -> int:
+    return check_int_in_range(window, "window", 0)
+
+
+def _topk_mask(flat: Tensor, k: int) -> Tensor:
+    """Boolean ``(B, D)`` mask of the top-k entries per row, ties broken towards the lower index."""
+    kth = torch.topk(flat, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # k-th largest value
+    gt = flat > kth
+    eq = flat == kth
+    n_eq_needed = k - gt.sum(
+        dim=-1, keepdim=True, dtype=torch.int32
+    )  # >= 1, since fewer than k entries exceed the k-th value
+    return gt | (eq & (eq.cumsum(dim=-1, dtype=torch.int32) <= n_eq_needed))
+
+
+_INT32_INDEX: dict[str, bool] = {}
+
+
+def _idx(t: Tensor) -> Tensor:
+    """An index tensor usable by gather/scatter: int32 where the installed torch accepts it on this device
+    (half the memory traffic of int64), else widened to int64."""
+    if t.dtype == torch.long:
+        return t
+    ok = _INT32_INDEX.get(t.device.type)
+    if ok is None:
+        try:
+            torch.zeros(2, device=t.device).gather(0, torch.zeros(1, dtype=torch.int32, device=t.device))
+            ok = True
+        except (RuntimeError, TypeError):  # pragma: no cover - depends on the torch version
+            ok = False
+        _INT32_INDEX[t.device.type] = ok
+    return t if ok else t.long()
+
+
+def _group_start(new_group: Tensor) -> Tensor:
+    """For a ``(B, D)`` bool tensor marking the first element of each run, the start index of every run."""
+    ar = torch.arange(new_group.shape[-1], dtype=torch.int32, device=new_group.device)
+    return (new_group * ar).cummax(dim=-1).values
+
+
+def _run_starts(sv: Tensor) -> Tensor:
+    """``(B, D)`` bool: True where a sorted row starts a new run of equal values."""
+    new = torch.ones(sv.shape, dtype=torch.bool, device=sv.device)
+    torch.ne(sv[:, 1:], sv[:, :-1], out=new[:, 1:])
+    return new
+
+
+def _twice_centred_rank_sorted(sv: Tensor) -> Tensor:
+    """``2 * r - (D + 1)`` for the 1-based average ("fractional") rank ``r`` of each element of the sorted
+    rows ``sv`` ``(B, D)``, as exact int32.
+
+    A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``.
+    ``s`` is a cumulative max of run-start positions; ``e`` the same on the reversed rows (as
+    ``e_rev = D - 1 - e``), giving ``s - e_rev``.
+    """
+    bsz, d = sv.shape
+    ar = torch.arange(d, dtype=torch.int32, device=sv.device)
+    new = torch.ones(bsz, d + 1, dtype=torch.bool, device=sv.device)  # new[:, i]: a run starts at i
+    torch.ne(sv[:, 1:], sv[:, :-1], out=new[:, 1:d])
+    if bool(new.all()):  # no ties anywhere in the batch: ranks are positions
+        return (2 * ar + (1 - d)).expand(bsz, d)
+    start = (new[:, :d] * ar).cummax(dim=-1).values
+    end_rev = (new[:, 1:].flip(-1) * ar).cummax(dim=-1).values.flip(-1)  # new[:, i+1]: a run ends at i
+    return start - end_rev
+
+
+def _degenerate_corr(num: Tensor, var_a: Tensor, var_b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``num / sqrt(var_a * var_b)`` from exact integer statistics, clipped to [-1, 1].
+
+    1.0 if both variances are 0 and 0.0 if exactly one is (constant maps); exactly +-1 when ``|num|`` equals
+    both variances (identical / reversed rankings), so rounding never yields 0.9999999999999998.
+    """
+    acc = _acc_dtype(num.device)
+    num, var_a, var_b = num.to(acc), var_a.to(acc), var_b.to(acc)
+    a0, b0 = var_a == 0, var_b == 0
+    denom = torch.where(a0 | b0, torch.ones_like(var_a), var_a.sqrt() * var_b.sqrt())
+    rho = (num / denom).clamp(-1.0, 1.0)
+    # inputs are exact integers: |num| == var_a == var_b means perfect (anti-)agreement -> exactly +-1
+    rho = torch.where((num == var_a) & (num == var_b), torch.ones_like(rho), rho)
+    rho = torch.where((-num == var_a) & (-num == var_b), -torch.ones_like(rho), rho)
+    rho = torch.where(a0 & b0, torch.ones_like(rho), torch.where(a0 ^ b0, torch.zeros_like(rho), rho))
+    return rho.to(out_dtype)
+
+
+def _count_inversions(y: Tensor) -> Tensor:
+    """Number of pairs ``i < j`` with ``y[:, i] > y[:, j]`` per row, as int64 ``(B,)``.
+
+    ``y`` is an integer ``(B, D)`` tensor with values in ``[0, D)`` (dense ranks). Vectorised MSD radix sort,
+    O(D log D) per row: at bit level ``l`` (high to low) each row is kept stably ordered by ``y >> (l + 1)``;
+    inside each such group every element whose bit ``l`` is 0 forms an inversion with each earlier element
+    of the group whose bit ``l`` is 1 (they agree on all higher bits, so the earlier one is larger). These are
+    counted with one cumulative sum; then the row is stably partitioned by bit ``l`` (a scatter to positions
+    read off the value histogram). Every inverted pair is counted exactly once, at the highest bit where its
+    two values differ, and pairs of equal values are never counted.
+    """
+    bsz, d = y.shape
+    dev = y.device
+    inv = torch.zeros(bsz, dtype=torch.long, device=dev)
+    if d < 2 or bsz == 0:
+        return inv
+    cur = y.to(torch.int32)
+    n_bits = int(cur.max()).bit_length()
+    if n_bits == 0:
+        return inv
+    # less[v] = number of entries < v in the row, for v in [0, max + 1]
+    hist = torch.zeros(bsz, (1 << n_bits) + 1, dtype=torch.int32, device=dev)
+    hist.scatter_add_(1, _idx(cur + 1), torch.ones_like(cur))
+    less = hist.cumsum(dim=1, dtype=torch.int32)
+    pos = torch.arange(d, dtype=torch.int32, device=dev)
+    # one level adds at most (D/2)^2 pairs per row: sum in int32 when that cannot overflow (faster on CPU)
+    level_sum_dtype = torch.int32 if d < 92_681 else torch.long
+    for lvl in range(n_bits - 1, -1, -1):
+        bit = (cur >> lvl) & 1
+        grp_start = less.gather(1, _idx(cur & ~((2 << lvl) - 1)))  # first position of the (y >> lvl+1) group
+        ones_before = bit.cumsum(dim=1, dtype=torch.int32) - bit  # ones strictly before, whole row
+        ones_before_grp = ones_before - ones_before.gather(1, _idx(grp_start))
+        inv += (ones_before_grp * (bit ^ 1)).sum(dim=1, dtype=level_sum_dtype)
+        if lvl == 0:
+            break
+        one_start = less.gather(1, _idx(cur & ~((1 << lvl) - 1)))  # first position of the (y >> lvl) group
+        zero_pos = pos - ones_before_grp  # = grp_start + zeros before, within the group
+        new_pos = zero_pos + bit * (one_start + ones_before_grp - zero_pos)
+        cur = torch.empty_like(cur).scatter_(1, _idx(new_pos), cur)
+    return inv
+
+
+def _sum_tied_pairs(new_group: Tensor) -> Tensor:
+    """Sum over runs of ``c * (c - 1) / 2`` for runs marked by ``new_group`` ``(B, D)``, as int64 ``(B,)``.
+
+    Each element contributes the number of earlier elements of its run, ``i - start(i)``.
+    """
+    d = new_group.shape[-1]
+    return d * (d - 1) // 2 - _group_start(new_group).sum(dim=-1, dtype=torch.long)
+
+
+def _dilate(mask: Tensor, window: int) -> Tensor:
+    """``N_w``: dilate a bool ``(B, H, W)`` mask by a ``(2w+1)^2`` square, clipped at the borders."""
+    if window == 0:
+        return mask
+    h, w = mask.shape[-2:]
+    win = min(window, max(h, w) - 1)  # a larger window already covers the whole image
+    if win == 0:
+        return mask
+    pooled = F.max_pool2d(mask.to(torch.float32).unsqueeze(1), kernel_size=2 * win + 1, stride=1, padding=win)
+    return pooled.squeeze(1) > 0.5
+
+
+def _window_index(p: Tensor, h: int, w: int, win: int) -> Tensor:
+    """Flat indices of the ``(2 win + 1)^2`` window around each flat pixel index in ``p`` (any shape),
+    shape ``(*p.shape, K)``; offsets falling outside the image map to the dummy index ``h * w``."""
+    off = torch.arange(-win, win + 1, device=p.device)
+    dr = off.repeat_interleave(off.numel())
+    dc = off.repeat(off.numel())
+    r = (p // w).unsqueeze(-1) + dr
+    c = (p % w).unsqueeze(-1) + dc
+    inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    return torch.where(inside, r * w + c, h * w)
+
+
+_WINDOW_TABLE_MAX = 1 << 22  # entries; above this the window indices are computed per step instead
+
+
+def _topk_div_mask(a: Tensor, k: int, window: int, names: tuple[str, ...] = ("a",)) -> Tensor:
+    """Unchecked core of :func:`topk_div`: ``k`` greedy steps, each one ``max`` and one ``scatter``.
+
+    Before pick ``j`` at most ``(j - 1) K`` pixels are excluded (``K = (2w+1)^2``), so every pick lies among
+    the ``(k - 1) K + 1`` highest-ranked pixels: the greedy runs on those candidates only (kept in increasing
+    pixel order, so the first maximum is still the lowest flat index), which is exact and much cheaper for
+    large maps. ``a`` may stack several inputs of equal batch size (``names``, for the error message).
+    """
+    bsz, h, w = a.shape
+    d = h * w
+    win = min(window, max(h, w) - 1)
+    dev = a.device
+    flat = _flat(a)
+    n_win = (2 * win + 1) ** 2
+    m = min(d, (k - 1) * n_win + 1)
+    vals = torch.empty(bsz, m + 1, dtype=a.dtype, device=dev)
+    vals[:, m] = -math.inf  # dummy slot that absorbs out-of-image / non-candidate window pixels
+    if m < d:
+        cand = _topk_mask(flat, m).nonzero()[:, 1].view(bsz, m)  # candidate pixels, increasing index
+        slot = torch.full((bsz, d + 1), m, dtype=torch.long, device=dev)  # pixel -> candidate slot
+        slot.scatter_(1, cand, torch.arange(m, device=dev).expand(bsz, m))
+        vals[:, :m] = flat.gather(1, cand)
+    else:
+        cand = slot = None
+        vals[:, :m] = flat
+    body = vals[:, :m]
+    table = _window_index(torch.arange(d, device=dev), h, w, win) if d * n_win <= _WINDOW_TABLE_MAX else None
+    picks, best = [], []
+    for _ in range(k):
+        mx, j = body.max(dim=-1)  # first maximum -> the lower flat index wins ties
+        pix = j if cand is None else cand.gather(1, j.unsqueeze(1)).squeeze(1)
+        picks.append(pix)
+        best.append(mx)
+        nbr = table[pix] if table is not None else _window_index(pix, h, w, win)  # (B, K), dummy = d
+        vals.scatter_(1, nbr if slot is None else slot.gather(1, nbr), -math.inf)
+    ok = torch.isfinite(torch.stack(best, dim=1))  # (B, k); -inf max means nothing was left to pick
+    idx = torch.stack(picks, dim=1)
+    selected = torch.zeros(bsz, d + 1, dtype=torch.bool, device=dev)
+    selected.scatter_(1, torch.where(ok, idx, d), True)
+    exhausted = ~ok.all(dim=1)
+    if bool(exhausted.any()):
+        bad = exhausted.nonzero().flatten()[:5]
+        part = bsz // len(names)
+        where = ", ".join(f"`{names[i // part]}`[{i % part}]" for i in bad.tolist())
+        raise ValueError(
+            f"`k`={k} is too large for top-k-div with window={window} on {h}x{w} maps: {where} ran out of "
+            f"selectable pixels after {ok[bad].sum(dim=1).tolist()} picks (each pick excludes its "
+            f"{2 * win + 1}x{2 * win + 1} window; k <= {math.ceil(d / n_win)} always succeeds)"
+        )
+    return selected[:, :d].reshape(bsz, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------------
+def topk_intersection(a: Tensor, b: Tensor, k: int) -> Tensor:
+    r"""Top-k intersection :math:`|T_k(a) \cap T_k(b)| / k` per sample.
+
+    ``T_k(x)`` is the set of the ``k`` largest entries of the flattened map; ties at the k-th value are broken
+    in favour of the lower flat (row-major) index, so the result is deterministic.
+
+    Args:
+        a, b: maps ``(B, H, W)`` or ``(B, D)``, same shape, floating, finite.
+        k: set size, ``1 <= k <= D`` (``D = H * W``).
+
+    Returns:
+        ``(B,)`` values in ``[0, 1]``; identical maps give 1. Constant maps are not special: their top-k set is
+        the first ``k`` pixels, so two constant maps give 1.0.
+
+    >>> a = torch.tensor([[4., 3., 2., 1.]])
+    >>> topk_intersection(a, torch.tensor([[4., 1., 2., 3.]]), k=2)
+    tensor([0.5000])
+    """
+    check_two_maps(a, b)
+    _check_k(k, _numel(a))
+    hits = (_topk_mask(_flat(a), k) & _topk_mask(_flat(b), k)).sum(dim=-1)
+    return hits.to(a.dtype) / k
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    r"""Spearman rank correlation per sample, identical to :func:`scipy.stats.spearmanr` (ties: average ranks).
+
+    :math:`\rho = \mathrm{cov}(r_a, r_b) / (\sigma_{r_a} \sigma_{r_b})` where :math:`r_x` are the 1-based
+    average ranks of the flattened map (a run of ties at sorted positions ``s..e`` all get ``(s+e)/2 + 1``).
+    Both inputs are sorted in one call; tie runs are resolved with cumulative maxima over the sorted values
+    (forward for run starts, reversed for run ends), and the correlation is accumulated exactly on integers
+    (twice the centred ranks, summed in float64 below 2**53), so the result matches scipy to rounding.
+
+    Degenerate cases (scipy returns NaN): if **both** maps of a sample are constant (every rank tied) the
+    result is ``1.0``; if **exactly one** is constant it is ``0.0``. ``D == 1`` counts as constant.
+
+    Args:
+        a, b: maps ``(B, H, W)`` or ``(B, D)``, same shape, floating, finite.
+
+    Returns:
+        ``(B,)`` values in ``[-1, 1]``, dtype of ``a``.
+
+    >>> a = torch.tensor([[1., 2., 3., 4.], [1., 1., 1., 1.]])
+    >>> spearman(a, torch.tensor([[4., 3., 2., 1.], [1., 2., 2., 3.]]))
+    tensor([-1.,  0.])
+    """
+    check_two_maps(a, b, finite=False)
+    bsz, d = a.shape[0], _numel(a)
+    both = torch.cat([_flat(a), _flat(b)])  # (2B, D): one finiteness check, one sort, one rank pass
+    if not bool(torch.isfinite(both).all()):
+        check_finite(a, "a")
+        check_finite(b, "b")
+    s, i = torch.sort(both, dim=-1)
+    r = _twice_centred_rank_sorted(s)
+    ra, rb, ia, ib = r[:bsz], r[bsz:], i[:bsz], i[bsz:]  # ranks in a-sorted / b-sorted order
+    ra_orig = torch.empty(ra.shape, dtype=torch.int32, device=ra.device).scatter_(1, ia, ra)
+    # ranks of a and of b, both listed in b-sorted order, as exact integers in float64 (|value| <= D)
+    pair = torch.empty(bsz, 2, d, dtype=_acc_dtype(a.device), device=a.device)
+    pair[:, 0].copy_(ra_orig.gather(1, ib))
+    pair[:, 1].copy_(rb)
+    gram = torch.bmm(pair, pair.transpose(1, 2))  # exact: integer sums < 2**53
+    return _degenerate_corr(gram[:, 0, 1], gram[:, 0, 0], gram[:, 1, 1], a.dtype)
+
+
+def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
+    r"""Kendall :math:`\tau_b` per sample, identical to :func:`scipy.stats.kendalltau` (default ``variant='b'``).
+
+    :math:`\tau_b = (n_c - n_d) / \sqrt{(n_0 - n_1)(n_0 - n_2)}` with :math:`n_0 = D(D-1)/2`, :math:`n_1`,
+    :math:`n_2` the pairs tied in ``a`` / in ``b``, :math:`n_3` the pairs tied in both, and
+    :math:`n_c - n_d = n_0 - n_1 - n_2 + n_3 - 2 n_d`. Knight's algorithm: sort by ``b``, stable-sort by ``a``,
+    then :math:`n_d` is the number of strict inversions of ``b``'s dense ranks, counted for the whole batch at
+    once by a vectorised radix merge (O(D log D) per sample, no O(D^2) pair enumeration). Tie counts come from
+    run starts of the sorted values. All counts are exact int64; the final ratio is float64.
+
+    Degenerate cases (scipy returns NaN): if **both** maps of a sample are constant the result is ``1.0``;
+    if **exactly one** is constant it is ``0.0``. ``D == 1`` counts as constant.
+
+    Args:
+        a, b: maps ``(B, H, W)`` or ``(B, D)``, same shape, floating, finite.
+
+    Returns:
+        ``(B,)`` values in ``[-1, 1]``, dtype of ``a``.
+
+    >>> a = torch.tensor([[1., 2., 3., 4.]])
+    >>> kendall_tau(a, torch.tensor([[1., 3., 2., 4.]]))
+    tensor([0.6667])
+    """
+    check_two_maps(a, b)
+    fa, fb = _flat(a), _flat(b)
+    d = fa.shape[1]
+    sb, pb = torch.sort(fb, dim=-1)
+    new_b = _run_starts(sb)
+    yb = new_b.cumsum(dim=-1, dtype=torch.int32) - 1  # dense rank of b, in b-sorted order
+    sa, pa = torch.sort(fa.gather(1, pb), dim=-1, stable=True)  # lexicographic order by (a, b)
+    y = yb.gather(1, pa)
+    new_a = _run_starts(sa)
+    new_joint = new_a.clone()
+    new_joint[:, 1:] |= y[:, 1:] != y[:, :-1]
+    n1 = _sum_tied_pairs(new_a)
+    n2 = _sum_tied_pairs(new_b)
+    n3 = _sum_tied_pairs(new_joint)
+    n_d = _count_inversions(y)
+    n0 = d * (d - 1) // 2
+    con_minus_dis = n0 - n1 - n2 + n3 - 2 * n_d
+    return _degenerate_corr(con_minus_dis, n0 - n1, n0 - n2, a.dtype)
+
+
+def center_of_mass(a: Tensor) -> Tensor:
+    r"""Saliency-weighted centre of mass ``(row, col)`` in pixels, per sample.
+
+    :math:`C(a) = \sum_{i,j} a_{ij} (i, j) / \sum_{i,j} a_{ij}` with pixel ``(i, j)`` at row ``i``, column
+    ``j`` (0-based, pixel centres). The map's values are the weights, so they **must be non-negative**: a
+    negative entry raises ``ValueError`` (pass ``a.abs()`` for signed attributions, or clamp).
+
+    Degenerate case: an all-zero map has no mass; its centre is defined as the image centre
+    ``((H - 1) / 2, (W - 1) / 2)``.
+
+    Args:
+        a: maps ``(B, H, W)``, floating, finite, non-negative.
+
+    Returns:
+        ``(B, 2)`` tensor of ``(row, col)``, dtype of ``a``.
+
+    >>> a = torch.zeros(2, 3, 5)
+    >>> a[0, 0, 4] = 1.0
+    >>> center_of_mass(a)
+    tensor([[0., 4.],
+            [1., 2.]])
+    """
+    check_one_map(a, "a", spatial=True)
+    check_nonneg(a, "a")
+    return _center_of_mass(a)
+
+
+def _center_of_mass(a: Tensor) -> Tensor:
+    """Unchecked core of :func:`center_of_mass`."""
+    _, h, w = a.shape
+    acc = _acc_dtype(a.device)
+    x = a.to(acc)
+    mass = x.sum(dim=(1, 2))
+    row = (x.sum(dim=2) * torch.arange(h, dtype=acc, device=a.device)).sum(dim=1)
+    col = (x.sum(dim=1) * torch.arange(w, dtype=acc, device=a.device)).sum(dim=1)
+    empty = mass == 0
+    safe = torch.where(empty, torch.ones_like(mass), mass)
+    row = torch.where(empty, torch.full_like(row, (h - 1) / 2), row / safe)
+    col = torch.where(empty, torch.full_like(col, (w - 1) / 2), col / safe)
+    return torch.stack([row, col], dim=1).to(a.dtype)
+
+
+def center_shift(a: Tensor, b: Tensor) -> Tensor:
+    r"""Centre-of-mass shift :math:`\lVert C(a) - C(b) \rVert_2` in pixels, per sample.
+
+    See :func:`center_of_mass` (non-negative maps required; an all-zero map's centre is the image centre, so
+    two all-zero maps give ``0.0``).
+
+    Args:
+        a, b: maps ``(B, H, W)``, same shape, floating, finite, non-negative.
+
+    Returns:
+        ``(B,)`` distances ``>= 0``, dtype of ``a``; identical maps give 0.
+
+    >>> a = torch.zeros(1, 5, 5); a[0, 0, 0] = 1.0
+    >>> b = torch.zeros(1, 5, 5); b[0, 3, 4] = 1.0
+    >>> center_shift(a, b)
+    tensor([5.])
+    """
+    check_two_maps(a, b, spatial=True)
+    check_nonneg(a, "a")
+    check_nonneg(b, "b")
+    return (_center_of_mass(a) - _center_of_mass(b).to(a.dtype)).norm(dim=1)
+
+
+def topk_div(a: Tensor, k: int, window: int) -> Tensor:
+    r"""Top-k-div set (Kamath et al.) as a boolean mask ``(B, H, W)`` with exactly ``k`` True pixels per sample.
+
+    Greedy: repeat ``k`` times — take the highest-valued pixel that is still available (ties: lower flat
+    index), then make its whole ``(2w+1) x (2w+1)`` window (clipped at the borders, no row wrap-around)
+    unavailable. Selected pixels are therefore more than ``window`` apart in Chebyshev distance. Sequential in
+    ``k`` (one argmax per step), batched over ``B``.
+
+    Degenerate case: if some sample runs out of available pixels before ``k`` picks (the windows cover the
+    image), a ``ValueError`` naming ``k`` is raised (how many picks fit is data dependent; at least
+    ``ceil(H*W / (2w+1)^2)`` always do). ``window=0`` gives the plain top-k set.
+
+    Args:
+        a: maps ``(B, H, W)``, floating, finite.
+        k: number of pixels, ``1 <= k <= H * W``.
+        window: half-width ``w >= 0`` of the exclusion window.
+
+    Returns:
+        ``torch.bool`` mask ``(B, H, W)``.
+
+    >>> a = torch.tensor([[[9., 8., 1.], [7., 2., 3.], [1., 1., 5.]]])
+    >>> topk_div(a, k=2, window=1).int()
+    tensor([[[1, 0, 0],
+             [0, 0, 0],
+             [0, 0, 1]]], dtype=torch.int32)
+    """
+    check_one_map(a, "a", spatial=True)
+    _check_k(k, _numel(a))
+    _check_window(window)
+    return _topk_div_mask(a, k, window)
+
+
+def lens_topk(a: Tensor, b: Tensor, k: int, window: int, mode: str = "recall", diverse: bool = False) -> Tensor:
+    r"""Locality-sensitive top-k metrics (LENS, Kamath et al.), per sample.
+
+    With :math:`N_w(T)` the union of the ``(2w+1) x (2w+1)`` windows around the pixels of ``T`` (clipped at
+    the borders, no row wrap-around):
+
+    * ``mode="recall"``:    :math:`|N_w(T_k(a)) \cap T_k(b)| / k`
+    * ``mode="precision"``: :math:`|T_k(a) \cap N_w(T_k(b))| / k`
+
+    ``T_k`` is the top-k set (ties: lower flat index), or the top-k-div set of :func:`topk_div` (same ``k``
+    and ``window``) when ``diverse=True``. ``window=0`` reduces to :func:`topk_intersection`.
+
+    Degenerate cases: constant maps are not special (top-k of a constant map is its first ``k`` pixels);
+    with ``diverse=True`` a ``k`` that top-k-div cannot reach raises ``ValueError`` (see :func:`topk_div`).
+
+    Args:
+        a, b: maps ``(B, H, W)``, same shape, floating, finite.
+        k: set size, ``1 <= k <= H * W``.
+        window: half-width ``w >= 0``.
+        mode: ``"recall"`` or ``"precision"``.
+        diverse: use top-k-div sets.
+
+    Returns:
+        ``(B,)`` values in ``[0, 1]``, dtype of ``a``; identical maps give 1.
+
+    >>> a = torch.zeros(1, 4, 4); a[0, 0, 0] = 1.0
+    >>> b = torch.zeros(1, 4, 4); b[0, 1, 1] = 1.0
+    >>> lens_topk(a, b, k=1, window=0), lens_topk(a, b, k=1, window=1)
+    (tensor([0.]), tensor([1.]))
+    """
+    check_two_maps(a, b, spatial=True)
+    _check_k(k, _numel(a))
+    _check_window(window)
+    if mode not in _LENS_MODES:
+        raise ValueError(f"`mode` must be one of {_LENS_MODES}, got {mode!r}")
+    if not isinstance(diverse, bool):
+        raise TypeError(f"`diverse` must be a bool, got {type(diverse).__name__}")
+    if diverse:
+        both = _topk_div_mask(torch.cat([a, b.to(a.dtype)]), k, window, names=("a", "b"))  # one greedy loop
+        ta, tb = both[: a.shape[0]], both[a.shape[0] :]
+    else:
+        ta, tb = _topk_mask(_flat(a), k).view_as(a), _topk_mask(_flat(b), k).view_as(b)
+    hits = _dilate(ta, window) & tb if mode == "recall" else ta & _dilate(tb, window)
+    return hits.sum(dim=(1, 2)).to(a.dtype) / k
+
+
+def mask_mass(a: Tensor, mask: Tensor) -> Tensor:
+    r"""Fraction of a non-negative map's mass inside a ground-truth mask: :math:`\sum a \cdot m / \sum a`.
+
+    ``a`` must be non-negative (a negative entry raises ``ValueError``; pass ``a.abs()`` for signed maps).
+
+    Degenerate case: an all-zero map carries no evidence and scores ``0.0``; an empty mask gives ``0.0``.
+
+    Args:
+        a: maps ``(B, H, W)`` or ``(B, D)``, floating, finite, non-negative.
+        mask: same shape as ``a``; ``torch.bool`` or numeric with values in ``{0, 1}``.
+
+    Returns:
+        ``(B,)`` values in ``[0, 1]``, dtype of ``a``.
+
+    >>> a = torch.tensor([[1., 3., 0., 0.]])
+    >>> mask_mass(a, torch.tensor([[False, True, True, False]]))
+    tensor([0.7500])
+    """
+    check_one_map(a, "a")
+    check_nonneg(a, "a")
+    m = check_mask(mask, a)
+    acc = _acc_dtype(a.device)
+    x = _flat(a).to(acc)
+    total = x.sum(dim=-1)
+    inside = (x * _flat(m)).sum(dim=-1)
+    frac = torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    return frac.clamp(0.0, 1.0).to(a.dtype)
+
+
+def pointing_game(a: Tensor, mask: Tensor) -> Tensor:
+    r"""Pointing game: ``1.0`` if the map's maximum lies inside the mask, else ``0.0``, per sample.
+
+    The maximum is :math:`\arg\max_p a_p`; if several pixels share the maximum value, the one with the lowest
+    flat (row-major) index is used. Signed maps are fine (only the ordering matters).
+
+    Degenerate case: a constant map (including all-zero) points nowhere and scores ``0.0``.
+
+    Args:
+        a: maps ``(B, H, W)`` or ``(B, D)``, floating, finite.
+        mask: same shape as ``a``; ``torch.bool`` or numeric with values in ``{0, 1}``.
+
+    Returns:
+        ``(B,)`` values in ``{0.0, 1.0}``, dtype of ``a``.
+
+    >>> a = torch.tensor([[0., 5., 1.], [2., 2., 2.]])
+    >>> pointing_game(a, torch.tensor([[0, 1, 0], [1, 1, 1]]))
+    tensor([1., 0.])
+    """
+    check_one_map(a, "a")
+    m = check_mask(mask, a)
+    fa = _flat(a)
+    idx = fa.argmax(dim=-1, keepdim=True)
+    hit = _flat(m).gather(1, idx).squeeze(1)
+    constant = fa.amax(dim=-1) == fa.amin(dim=-1)
+    return (hit & ~constant).to(a.dtype)
