@@ -17,9 +17,7 @@ def cifar10_jpeg_root() -> str:
     """Path of the CIFAR-10 JPEG copy (REFERENCE.md section 7), from $FRAGDEFENSE_CIFAR10_JPEG."""
     root = os.environ.get("FRAGDEFENSE_CIFAR10_JPEG")
     if not root:
-        pytest.skip(
-            "real-data test: set FRAGDEFENSE_CIFAR10_JPEG to the extracted cifar10-jpeg folder (.ci/run does)"
-        )
+        pytest.skip("real-data test: set FRAGDEFENSE_CIFAR10_JPEG to the extracted cifar10-jpeg folder (.ci/run does)")
     if not os.path.isdir(os.path.join(root, "train")):
         pytest.skip(f"real-data test: FRAGDEFENSE_CIFAR10_JPEG={root!r} has no train/ folder")
     return root

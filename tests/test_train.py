@@ -60,11 +60,7 @@ def test_every_yaml_composes_and_instantiates(group, option, tmp_path):
         assert model.num_classes == cfg.data.num_classes
     if group == "trainer" or group == "experiment":
         # GPU configs are instantiated on the CPU here (no GPU in CI) — everything else as written
-        tcfg = (
-            OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"})
-            if cfg.trainer.accelerator == "gpu"
-            else cfg.trainer
-        )
+        tcfg = OmegaConf.merge(cfg.trainer, {"accelerator": "cpu"}) if cfg.trainer.accelerator == "gpu" else cfg.trainer
         trainer = instantiate(tcfg, logger=False, enable_checkpointing=False)
         assert isinstance(trainer, L.Trainer)
     if group == "logger" and "_target_" in node:
@@ -89,9 +85,7 @@ def test_unknown_key_and_option_fail_with_their_name():
 
 def test_module_fast_dev_run(tmp_path):
     dm = SyntheticDataModule(n_train=64, n_test=32, batch_size=16, probe_size=4)
-    module = ClassifierModule(
-        create_model("small_cnn", width=8), num_classes=10, scheduler={"name": "cosine"}
-    )
+    module = ClassifierModule(create_model("small_cnn", width=8), num_classes=10, scheduler={"name": "cosine"})
     trainer = L.Trainer(
         fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
     )
@@ -99,9 +93,7 @@ def test_module_fast_dev_run(tmp_path):
     trainer.test(module, datamodule=dm, verbose=False)
     assert trainer.state.finished
     with pytest.raises(ValueError, match="unknown optimizer"):
-        ClassifierModule(
-            create_model("small_cnn", width=8), 10, optimizer={"name": "lbfgsx"}
-        ).configure_optimizers()
+        ClassifierModule(create_model("small_cnn", width=8), 10, optimizer={"name": "lbfgsx"}).configure_optimizers()
 
 
 def test_train_end_to_end_writes_run_dir(tmp_path):
@@ -142,11 +134,7 @@ def test_train_resume_from_checkpoint(tmp_path):
 
 def test_same_seed_same_result(tmp_path):
     out = [
-        train(
-            compose_config(
-                "train", [*TINY, f"run_dir={tmp_path / str(i)}", "logger=none", "trainer.max_epochs=1"]
-            )
-        )
+        train(compose_config("train", [*TINY, f"run_dir={tmp_path / str(i)}", "logger=none", "trainer.max_epochs=1"]))
         for i in range(2)
     ]
     assert out[0]["test"] == out[1]["test"]

@@ -33,9 +33,7 @@ def _resolve_run_dir(cfg: DictConfig) -> Path:
     except Exception:  # noqa: BLE001 - ${hydra:...} is unresolvable outside @hydra.main
         rd = None
     if not rd:
-        rd = os.path.join(
-            "runs", str(cfg.get("task_name", "train")), datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        )
+        rd = os.path.join("runs", str(cfg.get("task_name", "train")), datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     return Path(rd).absolute()
 
 
@@ -63,7 +61,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     regularizer = instantiate(cfg.regularizer) if _is_set(cfg.get("regularizer")) else None
-    module = instantiate(cfg.module, model=model, regularizer=regularizer, _convert_="all")
+    model_config = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    module = instantiate(cfg.module, model=model, regularizer=regularizer, model_config=model_config, _convert_="all")
 
     loggers = instantiate(cfg.logger) if _is_set(cfg.get("logger")) else []
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if _is_set(c)]

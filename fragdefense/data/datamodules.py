@@ -191,11 +191,7 @@ class BaseImageDataModule(L.LightningDataModule):
         idx = self.probe_indices
         items = [self.test_set[i] for i in idx]
         x = torch.stack([it[0] for it in items]) if items else torch.empty(0)
-        y = (
-            torch.stack([torch.as_tensor(it[1]) for it in items])
-            if items
-            else torch.empty(0, dtype=torch.long)
-        )
+        y = torch.stack([torch.as_tensor(it[1]) for it in items]) if items else torch.empty(0, dtype=torch.long)
         masks = getattr(self.test_set, "masks", None)
         return {"x": x, "y": y, "mask": masks[idx] if masks is not None else None, "indices": idx}
 
@@ -234,9 +230,7 @@ class SyntheticDataModule(BaseImageDataModule):
         kw.setdefault("std", (0.25, 0.25, 0.25))
         super().__init__(image_size=image_size, **kw)
         if self.num_classes != len(CLASS_NAMES):
-            raise ValueError(
-                f"`num_classes` must be {len(CLASS_NAMES)} for synthetic data, got {self.num_classes}"
-            )
+            raise ValueError(f"`num_classes` must be {len(CLASS_NAMES)} for synthetic data, got {self.num_classes}")
         self.n_train, self.n_test, self.data_seed = int(n_train), int(n_test), int(data_seed)
         self.class_names = list(CLASS_NAMES)
 
@@ -282,8 +276,7 @@ class CIFAR10DataModule(BaseImageDataModule):
             raise FileNotFoundError(_CIFAR_HELP.format(root=self.root)) from e
         except OSError as e:  # URLError etc. when downloading offline
             raise FileNotFoundError(
-                f"downloading CIFAR-10 failed ({e}); this machine may be offline. "
-                + _CIFAR_HELP.format(root=self.root)
+                f"downloading CIFAR-10 failed ({e}); this machine may be offline. " + _CIFAR_HELP.format(root=self.root)
             ) from e
         self.class_names = list(tr.classes)
 
@@ -303,9 +296,7 @@ def _pil_loader(path: str) -> Any:
             img = Image.open(f)
             return img.convert("RGB")
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(
-            f"cannot read image file {path!r} ({type(e).__name__}: {e}); remove or replace it"
-        ) from e
+        raise ValueError(f"cannot read image file {path!r} ({type(e).__name__}: {e}); remove or replace it") from e
 
 
 class ImageFolderDataModule(BaseImageDataModule):
@@ -338,9 +329,7 @@ class ImageFolderDataModule(BaseImageDataModule):
     ) -> None:
         super().__init__(**kw)
         if root is None:
-            raise ValueError(
-                "`root` must be the path of an ImageFolder tree (root/train/<class>/...), got None"
-            )
+            raise ValueError("`root` must be the path of an ImageFolder tree (root/train/<class>/...), got None")
         self.root = Path(root).expanduser()
         if test_split not in ("auto", "val", "test"):
             raise ValueError(f"`test_split` must be 'auto', 'val' or 'test', got {test_split!r}")
@@ -353,20 +342,14 @@ class ImageFolderDataModule(BaseImageDataModule):
     def _split_dirs(self) -> tuple[Path, Path]:
         train = self.root / "train"
         if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"`root` {str(self.root)!r} does not exist (expected an ImageFolder tree)"
-            )
+            raise FileNotFoundError(f"`root` {str(self.root)!r} does not exist (expected an ImageFolder tree)")
         if not train.is_dir():
-            raise FileNotFoundError(
-                f"`root` {str(self.root)!r} has no 'train' folder (expected root/train/<class>/*)"
-            )
+            raise FileNotFoundError(f"`root` {str(self.root)!r} has no 'train' folder (expected root/train/<class>/*)")
         names = ["val", "test"] if self.test_split == "auto" else [self.test_split]
         for n in names:
             if (self.root / n).is_dir():
                 return train, self.root / n
-        raise FileNotFoundError(
-            f"`root` {str(self.root)!r} has no {' or '.join(repr(n) for n in names)} folder"
-        )
+        raise FileNotFoundError(f"`root` {str(self.root)!r} has no {' or '.join(repr(n) for n in names)} folder")
 
     def _eval_transform(self) -> Any:
         from torchvision.transforms import v2

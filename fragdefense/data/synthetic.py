@@ -43,9 +43,7 @@ def _smooth_noise(n: int, size: int, cells: int, g: torch.Generator) -> Tensor:
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def generate_synthetic(
-    n: int, size: int = 32, seed: int = 0, *, chunk: int = 2048
-) -> tuple[Tensor, Tensor, Tensor]:
+def generate_synthetic(n: int, size: int = 32, seed: int = 0, *, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
     """Generate ``n`` images.
 
     Args:

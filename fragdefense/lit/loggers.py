@@ -85,8 +85,6 @@ def make_loggers(
             if run_id is not None:
                 opts.setdefault("id", run_id)
                 opts.setdefault("resume", "allow")
-            loggers.append(
-                WandbLogger(save_dir=str(save_dir), offline=(mode == "offline"), tags=tags, **opts)
-            )
+            loggers.append(WandbLogger(save_dir=str(save_dir), offline=(mode == "offline"), tags=tags, **opts))
             log.info("W&B logging %s", mode)
     return loggers

@@ -41,6 +41,8 @@ class ClassifierModule(L.LightningModule):
             stepped per batch (``warmup_epochs`` for cosine), ``step`` per epoch (``step_size``, ``gamma``).
         label_smoothing: cross-entropy label smoothing.
         regularizer: a :class:`~fragdefense.regularizers.Regularizer` or ``None``.
+        model_config: ``create_model`` arguments of ``model``, stored in the checkpoint's hyper-parameters so
+            :func:`fragdefense.models.load_checkpoint_model` can rebuild the model from the file alone.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ClassifierModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
         regularizer: Regularizer | None = None,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "regularizer"])

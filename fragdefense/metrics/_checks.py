@@ -32,7 +32,7 @@ def check_finite(a: Tensor, name: str) -> Tensor:
 
 def check_nonneg(a: Tensor, name: str) -> Tensor:
     """Raise ``ValueError`` naming ``name`` if ``a`` has a negative entry (weights must be >= 0)."""
-    if a.numel() and float(a.min()) < 0.0:
+    if a.numel() and float(a.detach().min()) < 0.0:
         raise ValueError(
             f"`{name}` must be non-negative (it is used as weights/mass); got min={float(a.min()):.4g}. "
             f"Pass `{name}.abs()` (or clamp it) for signed attributions"

@@ -32,6 +32,8 @@ __all__ = [
     "to_softplus",
     "set_softplus_beta",
     "count_relus",
+    "load_checkpoint_model",
+    "load_weights",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGENET_MEAN",
@@ -61,9 +63,7 @@ class ImageClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(
-                f"`mean` and `std` must have one value per channel, got {len(mean)} and {len(std)}"
-            )
+            raise ValueError(f"`mean` and `std` must have one value per channel, got {len(mean)} and {len(std)}")
         if any(float(s) <= 0 for s in std):
             raise ValueError(f"`std` must be > 0 per channel, got {list(std)}")
         self.backbone = backbone
@@ -215,9 +215,7 @@ def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) 
         raise FileNotFoundError(f"`weights_path` does not exist or is not a file: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
-        state = {
-            k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")
-        }
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if not isinstance(state, dict):
         raise ValueError(f"`weights_path` {path} does not hold a state dict (got {type(state).__name__})")
     target: nn.Module = model if any(k.startswith("backbone.") for k in state) else model.backbone
@@ -229,3 +227,27 @@ def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) 
             f"(num_classes={model.num_classes}): {str(e).splitlines()[0]} ..."
         ) from e
     return model
+
+
+def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+    """Rebuild the model of a ``fragdefense-train`` checkpoint (architecture from its stored
+    ``model_config``, weights from its state dict), in eval mode.
+
+    Raises ``ValueError`` when the file is not a fragdefense checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`checkpoint` does not exist or is not a file: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    cfg = (ckpt.get("hyper_parameters") or {}).get("model_config") if isinstance(ckpt, dict) else None
+    if not cfg or "name" not in cfg:
+        raise ValueError(
+            f"`checkpoint` {path} has no stored model_config (not written by fragdefense-train); "
+            "use create_model(name, weights_path=...) instead"
+        )
+    cfg = dict(cfg)
+    cfg.pop("weights_path", None)
+    model = create_model(**cfg)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval()

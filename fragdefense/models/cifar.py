@@ -73,9 +73,7 @@ class ResNetCifar(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(
-        self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64
-    ) -> None:
+    def __init__(self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(3, width))
         layers: list[nn.Module] = []
@@ -124,9 +122,7 @@ class PreActResNet(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(
-        self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64
-    ) -> None:
+    def __init__(self, num_classes: int = 10, num_blocks: tuple[int, ...] = (2, 2, 2, 2), width: int = 64) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         layers: list[nn.Module] = []

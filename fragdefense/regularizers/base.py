@@ -50,8 +50,6 @@ class Regularizer(nn.Module):
         """Input the task loss is computed on (default: ``x`` itself)."""
         return x
 
-    def penalty(
-        self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor
-    ) -> RegularizerOutput:
+    def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         """Penalty on the clean ``x`` / training input ``x_train`` (default: none)."""
         return RegularizerOutput()

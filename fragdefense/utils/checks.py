@@ -43,9 +43,7 @@ def check_maps(a: Tensor, name: str = "a") -> Tensor:
     torch.Size([4, 5, 5])
     """
     if not isinstance(a, Tensor):
-        raise TypeError(
-            f"`{name}` must be a torch.Tensor of shape (B, H, W) or (B, D), got {type(a).__name__}"
-        )
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape (B, H, W) or (B, D), got {type(a).__name__}")
     if a.ndim not in (2, 3):
         raise ValueError(f"`{name}` must have shape (B, H, W) or (B, D), got shape {tuple(a.shape)}")
     if not a.is_floating_point():

@@ -1,0 +1,27 @@
+"""Attacks: on interpretations (Ghorbani et al. Algorithm 1, IFIA, Dombrowski's manipulation, random
+baselines) and on labels (PGD), with L-inf / L2 threat models."""
+
+from fragdefense.attacks.interpretation import (
+    CRITERIA,
+    INTERPRETATION_ATTACKS,
+    PROTOCOLS,
+    InterpretationAttackResult,
+    attack_interpretation,
+    beta_schedule,
+)
+from fragdefense.attacks.pgd import pgd_attack
+from fragdefense.attacks.threat import L2Threat, LinfThreat, ThreatModel, make_threat
+
+__all__ = [
+    "CRITERIA",
+    "INTERPRETATION_ATTACKS",
+    "PROTOCOLS",
+    "InterpretationAttackResult",
+    "attack_interpretation",
+    "beta_schedule",
+    "pgd_attack",
+    "L2Threat",
+    "LinfThreat",
+    "ThreatModel",
+    "make_threat",
+]

@@ -1,0 +1,88 @@
+"""Figures (matplotlib, Agg backend): metric vs eps curves (Ghorbani et al. Fig. 3) and example grids of
+original / perturbed images with their maps (Fig. 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["plot_metrics_vs_eps", "plot_examples"]
+
+_LABELS = {
+    "topk_intersection": "top-k intersection",
+    "spearman": "Spearman rank correlation",
+    "kendall": "Kendall tau",
+    "center_shift": "center-of-mass shift (px)",
+    "lens_recall": "LENS recall",
+}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics_vs_eps(
+    records: list[dict[str, Any]], path: str | Path, metrics: Sequence[str] = tuple(_LABELS)
+) -> Path:
+    """One panel per metric; one line per (method, attack); x axis eps in /255 units."""
+    plt = _plt()
+    metrics = [m for m in metrics if any(r.get(m) is not None for r in records)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    keys = sorted({(r["method"], r["attack"]) for r in records})
+    styles = {"random_sign": ":", "random_walk": "-.", "topk": "-", "mass_center": "--"}
+    for ax, metric in zip(axes[0], metrics):
+        for method, attack in keys:
+            rs = sorted(
+                (r for r in records if r["method"] == method and r["attack"] == attack), key=lambda r: r["epsilon"]
+            )
+            xs = [r["epsilon_255"] for r in rs if r.get(metric) is not None]
+            ys = [r[metric] for r in rs if r.get(metric) is not None]
+            ax.plot(xs, ys, styles.get(attack, "-"), marker="o", label=f"{method} / {attack}")
+        ax.set_xlabel("eps (/255)")
+        ax.set_title(_LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_examples(ex: dict[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
+    """Rows = images; columns = original, its map, perturbed, its map."""
+    plt = _plt()
+    n = ex["x"].shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(8, 2.1 * n), squeeze=False)
+    cols = [
+        ("original", ex["x"], False),
+        ("map", ex["clean_map"], True),
+        ("perturbed", ex["x_adv"], False),
+        ("map (perturbed)", ex["adv_map"], True),
+    ]
+    for i in range(n):
+        for j, (name, t, is_map) in enumerate(cols):
+            ax = axes[i][j]
+            if is_map:
+                ax.imshow(t[i].float().numpy(), cmap="hot")
+            else:
+                ax.imshow(t[i].permute(1, 2, 0).clamp(0, 1).float().numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
