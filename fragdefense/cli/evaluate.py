@@ -212,7 +212,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def results_table(records: list[dict[str, Any]], clean_acc: float | None = None) -> str:
     """Markdown table of the grid's mean metrics."""
-    head = "| method | attack | eps (/255) | top-k ∩ | Spearman | Kendall | center shift (px) | LENS recall | label kept | n |"
+    head = (
+        "| method | attack | eps (/255) | top-k ∩ | Spearman | Kendall | center shift (px) | LENS recall "
+        "| label kept | n |"
+    )
     lines = [head, "|" + "---|" * 10]
 
     def f(v: Any, nd: int = 3) -> str:
