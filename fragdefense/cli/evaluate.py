@@ -112,22 +112,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     grid = [(m, a, e) for m in methods for a in attacks for e in eps_list]
     batches = list(zip(x_all.split(int(cfg.batch_size)), y_all.split(int(cfg.batch_size))))
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from tqdm.auto import tqdm
 
     records: list[dict[str, Any]] = []
     per_image: list[dict[str, Any]] = []
     examples: dict[tuple[str, str, float], dict[str, torch.Tensor]] = {}
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ) as progress:
-        task = progress.add_task("fragdefense-eval", total=len(grid) * len(batches))
+    # tqdm (not rich): its progress also shows when the output is piped to a log file
+    with tqdm(total=len(grid) * len(batches), desc="fragdefense-eval", unit="batch", dynamic_ncols=True) as progress:
         for method, attack, eps in grid:
-            progress.update(task, description=f"{method} / {attack} / eps={eps * 255:.3g}/255")
+            progress.set_description(f"{method} / {attack} / eps={eps * 255:.3g}/255")
             t_cell = time.perf_counter()
             sums: dict[str, float] = {}
             n_att = n_skip = n_kept = 0
@@ -162,7 +156,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                         "clean_map": res.clean_map[:n_fig].cpu(),
                         "adv_map": res.adv_map[:n_fig].cpu(),
                     }
-                progress.advance(task)
+                progress.update(1)
             rec: dict[str, Any] = {
                 "method": method,
                 "method_opts": methods[method] or {},
