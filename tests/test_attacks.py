@@ -267,3 +267,18 @@ def test_eval_grid_end_to_end(trained, tmp_path):
     assert (out / "results.md").read_text().startswith("| method")
     assert (out / "metrics_vs_eps.png").stat().st_size > 1000
     assert list(out.glob("examples_*.png"))
+
+
+def test_parse_eps_and_eval_errors(tmp_path):
+    from fragdefense.cli._config import compose_config
+    from fragdefense.cli.evaluate import evaluate, parse_eps
+
+    assert parse_eps("8/255") == pytest.approx(8 / 255) and parse_eps("0.5/255") == pytest.approx(0.5 / 255)
+    assert parse_eps(0.1) == 0.1
+    with pytest.raises(ValueError, match="8/0"):
+        parse_eps("8/0")
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_eps(-1)
+    cfg = compose_config("eval", [f"out_dir={tmp_path}", "data.n_train=16", "data.n_test=16"])
+    with pytest.raises(ValueError, match="checkpoint="):
+        evaluate(cfg)
