@@ -26,8 +26,9 @@ counted. All reported metrics compare maps of the original network.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +155,17 @@ class InterpretationAttackResult:
             row.update({k: float(v[j]) for k, v in self.metrics.items()})
             rows.append(row)
         return rows
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class _Maps:
@@ -327,188 +339,134 @@ def attack_interpretation(
         "lens_window": lens_window,
         "check_every": check_every,
     }
-    was_training = model.training
-    model.eval()
-    try:
-        return _run(
-            model,
-            x,
-            y,
-            attack,
-            method,
-            opts,
-            thr,
-            alpha,
-            steps,
-            restarts,
-            bool(random_start),
-            k,
-            crit_name,
-            betas,
-            target_mask,
-            target_map,
-            float(gamma),
-            reduce,
-            lens_window,
-            check_every,
-            generator,
-            progress,
-            gradient_attack,
-            protocol,
-        )
-    finally:
-        model.train(was_training)
+    gamma = float(gamma)
+    random_start = bool(random_start)
+    with _eval_mode(model):
+        b, _, h, w = x.shape
+        relu_maps = _Maps(model, method, opts, reduce)
+        with torch.no_grad():
+            pred0 = model(x).argmax(1)
+        active = torch.ones(b, dtype=torch.bool, device=x.device) if y is None else pred0 == y
+        index = active.nonzero().flatten()
+        x_adv_full = x.detach().clone()
+        if index.numel() == 0:
+            empty = torch.empty(0, device=x.device)
+            return InterpretationAttackResult(
+                x_adv_full,
+                index,
+                pred0[index],
+                empty.bool(),
+                empty.bool(),
+                empty.long(),
+                x.new_zeros(0, h, w),
+                x.new_zeros(0, h, w),
+                {},
+                b,
+                b,
+                protocol,
+            )
+        x0, c = x[index].detach(), pred0[index]
+        tmask = target_mask[index].to(x) if target_mask is not None else None
+        tmap = target_map[index].to(x) if target_map is not None else None
+        if tmap is not None:
+            tmap = tmap / tmap.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
+        clean_map, _ = relu_maps(x0, c)
+        flat = clean_map.flatten(1)
+        # B = the k largest entries of the clean map (ties broken by lower index, as the metric)
+        order = torch.argsort(flat, dim=1, descending=True, stable=True)[:, :k]
+        bmask = torch.zeros_like(flat).scatter_(1, order, 1.0).view_as(clean_map)
+        c_clean = MF.center_of_mass(clean_map)
+        hw = float(h * w)
+        with torch.no_grad():
+            p0 = F.softmax(model(x0), dim=1) if attack == "manipulate" else None
 
+        def dissimilarity(m: Tensor, logits: Tensor | None) -> Tensor:
+            if attack in ("topk", "random_walk", "random_sign"):
+                return -(m * bmask).sum((1, 2))
+            if attack == "mass_center":
+                return (MF.center_of_mass(m) - c_clean).norm(dim=1)
+            if attack == "targeted":
+                return (m * tmask).sum((1, 2))
+            out = -((hw * m - hw * tmap) ** 2).flatten(1).mean(1)  # manipulate
+            if logits is not None:
+                out = out - gamma * ((F.softmax(logits, 1) - p0) ** 2).sum(1)
+            return out
 
-def _run(
-    model,
-    x,
-    y,
-    attack,
-    method,
-    opts,
-    thr,
-    alpha,
-    steps,
-    restarts,
-    random_start,
-    k,
-    crit_name,
-    betas,
-    target_mask,
-    target_map,
-    gamma,
-    reduce,
-    lens_window,
-    check_every,
-    generator,
-    progress,
-    gradient_attack,
-    protocol,
-) -> InterpretationAttackResult:  # noqa: ANN001 - internal, validated by the caller
-    b, _, h, w = x.shape
-    relu_maps = _Maps(model, method, opts, reduce)
-    with torch.no_grad():
-        pred0 = model(x).argmax(1)
-    active = torch.ones(b, dtype=torch.bool, device=x.device) if y is None else pred0 == y
-    index = active.nonzero().flatten()
-    x_adv_full = x.detach().clone()
-    if index.numel() == 0:
-        empty = torch.empty(0, device=x.device)
+        score_fn = _criterion_fn(crit_name, clean_map, k, tmask, tmap, dissimilarity)
+        n = x0.shape[0]
+        best_x = x0.clone()
+        best_score = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
+        best_iter = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        surrogate = to_softplus(model, betas[0]).eval() if gradient_attack else None
+
+        def consider(xc: Tensor, it: int) -> None:
+            m, pred = relu_maps(xc, c)
+            keep = pred == c
+            s = score_fn(m).double()
+            better = keep & (s > best_score)
+            best_score[better] = s[better]
+            best_iter[better] = it
+            best_x[better] = xc[better].detach()
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=restarts * (1 if attack == "random_sign" else steps), desc=f"{attack}/{method}", leave=False
+            )
+        try:
+            for r in range(restarts):
+                if attack == "random_sign":
+                    noise = torch.randn(x0.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    consider(thr.project(x0 + thr.eps * noise.sign(), x0), r)
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                xi = thr.random_start(x0, generator) if random_start else x0.clone()
+                for p in range(steps):
+                    if gradient_attack:
+                        set_softplus_beta(surrogate, betas[p])
+                        xg = xi.detach().requires_grad_(True)
+                        m = to_map(attribute(method, surrogate, xg, c, create_graph=True, **opts), reduce)
+                        logits = surrogate(xg) if attack == "manipulate" else None
+                        (g,) = torch.autograd.grad(dissimilarity(m, logits).sum(), xg)
+                    else:
+                        g = thr.random_direction(x0, generator)
+                    xi = thr.project(thr.step(xi.detach(), g, alpha), x0)
+                    if (p + 1) % check_every == 0 or p == steps - 1:
+                        consider(xi, r * steps + p + 1)
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        adv_map, pred_adv = relu_maps(best_x, c)
+        metrics = {
+            "topk_intersection": MF.topk_intersection(adv_map, clean_map, k),
+            "spearman": MF.spearman(adv_map, clean_map),
+            "kendall": MF.kendall_tau(adv_map, clean_map),
+            "center_shift": MF.center_shift(adv_map, clean_map),
+            "lens_recall": MF.lens_topk(clean_map, adv_map, k, lens_window, mode="recall"),
+            "linf_distance": (best_x - x0).flatten(1).abs().amax(1),
+        }
+        if tmask is not None:
+            metrics["target_mass"] = (adv_map * tmask).sum((1, 2))
+        if tmap is not None:
+            metrics["target_mse"] = ((adv_map - tmap) ** 2).flatten(1).mean(1)
+        x_adv_full[index] = best_x
         return InterpretationAttackResult(
-            x_adv_full,
-            index,
-            pred0[index],
-            empty.bool(),
-            empty.bool(),
-            empty.long(),
-            x.new_zeros(0, h, w),
-            x.new_zeros(0, h, w),
-            {},
-            b,
-            b,
-            protocol,
+            x_adv=x_adv_full,
+            index=index,
+            label=c,
+            label_kept=pred_adv == c,
+            perturbed=best_iter >= 0,
+            best_iter=best_iter,
+            clean_map=clean_map,
+            adv_map=adv_map,
+            metrics={k_: v.detach() for k_, v in metrics.items()},
+            n_images=b,
+            n_skipped=b - int(index.numel()),
+            protocol=protocol,
         )
-    x0, c = x[index].detach(), pred0[index]
-    tmask = target_mask[index].to(x) if target_mask is not None else None
-    tmap = target_map[index].to(x) if target_map is not None else None
-    if tmap is not None:
-        tmap = tmap / tmap.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)
-    clean_map, _ = relu_maps(x0, c)
-    flat = clean_map.flatten(1)
-    # B = the k largest entries of the clean map (ties broken by lower index, as the metric)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)[:, :k]
-    bmask = torch.zeros_like(flat).scatter_(1, order, 1.0).view_as(clean_map)
-    c_clean = MF.center_of_mass(clean_map)
-    hw = float(h * w)
-    with torch.no_grad():
-        p0 = F.softmax(model(x0), dim=1) if attack == "manipulate" else None
-
-    def dissimilarity(m: Tensor, logits: Tensor | None) -> Tensor:
-        if attack in ("topk", "random_walk", "random_sign"):
-            return -(m * bmask).sum((1, 2))
-        if attack == "mass_center":
-            return (MF.center_of_mass(m) - c_clean).norm(dim=1)
-        if attack == "targeted":
-            return (m * tmask).sum((1, 2))
-        out = -((hw * m - hw * tmap) ** 2).flatten(1).mean(1)  # manipulate
-        if logits is not None:
-            out = out - gamma * ((F.softmax(logits, 1) - p0) ** 2).sum(1)
-        return out
-
-    score_fn = _criterion_fn(crit_name, clean_map, k, tmask, tmap, dissimilarity)
-    n = x0.shape[0]
-    best_x = x0.clone()
-    best_score = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
-    best_iter = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    surrogate = to_softplus(model, betas[0]).eval() if gradient_attack else None
-
-    def consider(xc: Tensor, it: int) -> None:
-        m, pred = relu_maps(xc, c)
-        keep = pred == c
-        s = score_fn(m).double()
-        better = keep & (s > best_score)
-        best_score[better] = s[better]
-        best_iter[better] = it
-        best_x[better] = xc[better].detach()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=restarts * (1 if attack == "random_sign" else steps), desc=f"{attack}/{method}", leave=False)
-    try:
-        for r in range(restarts):
-            if attack == "random_sign":
-                noise = torch.randn(x0.shape, generator=generator, device=x.device, dtype=x.dtype)
-                consider(thr.project(x0 + thr.eps * noise.sign(), x0), r)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            xi = thr.random_start(x0, generator) if random_start else x0.clone()
-            for p in range(steps):
-                if gradient_attack:
-                    set_softplus_beta(surrogate, betas[p])
-                    xg = xi.detach().requires_grad_(True)
-                    m = to_map(attribute(method, surrogate, xg, c, create_graph=True, **opts), reduce)
-                    logits = surrogate(xg) if attack == "manipulate" else None
-                    (g,) = torch.autograd.grad(dissimilarity(m, logits).sum(), xg)
-                else:
-                    g = thr.random_direction(x0, generator)
-                xi = thr.project(thr.step(xi.detach(), g, alpha), x0)
-                if (p + 1) % check_every == 0 or p == steps - 1:
-                    consider(xi, r * steps + p + 1)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    adv_map, pred_adv = relu_maps(best_x, c)
-    metrics = {
-        "topk_intersection": MF.topk_intersection(adv_map, clean_map, k),
-        "spearman": MF.spearman(adv_map, clean_map),
-        "kendall": MF.kendall_tau(adv_map, clean_map),
-        "center_shift": MF.center_shift(adv_map, clean_map),
-        "lens_recall": MF.lens_topk(clean_map, adv_map, k, lens_window, mode="recall"),
-        "linf_distance": (best_x - x0).flatten(1).abs().amax(1),
-    }
-    if tmask is not None:
-        metrics["target_mass"] = (adv_map * tmask).sum((1, 2))
-    if tmap is not None:
-        metrics["target_mse"] = ((adv_map - tmap) ** 2).flatten(1).mean(1)
-    x_adv_full[index] = best_x
-    return InterpretationAttackResult(
-        x_adv=x_adv_full,
-        index=index,
-        label=c,
-        label_kept=pred_adv == c,
-        perturbed=best_iter >= 0,
-        best_iter=best_iter,
-        clean_map=clean_map,
-        adv_map=adv_map,
-        metrics={k_: v.detach() for k_, v in metrics.items()},
-        n_images=b,
-        n_skipped=b - int(index.numel()),
-        protocol=protocol,
-    )
