@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Must precede the first torch import: OpenMP's default spin-waiting makes multi-op torch code 5-30x slower
+# when the cores are shared with other jobs (as on small CI machines).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")  # never try the network from tests

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from fragdefense.attacks import attack_interpretation
 from fragdefense.cli._config import config_dir
 from fragdefense.models import create_model, load_checkpoint_model
+from fragdefense.utils.checks import parse_eps
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["evaluate", "main", "parse_eps", "METRICS"]
 
 log = logging.getLogger("fragdefense.eval")
 METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
-
-
-def parse_eps(v: Any) -> float:
-    """``0.03``, ``"8/255"`` or ``"0.5/255"`` -> float (pixel units of ``[0, 1]`` images).
-
-    >>> parse_eps("8/255") == 8 / 255, parse_eps(0.5)
-    (True, 0.5)
-    """
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        f = float(v)
-    elif isinstance(v, str):
-        try:
-            if "/" in v:
-                num, den = v.split("/", 1)
-                f = float(num) / float(den)
-            else:
-                f = float(Fraction(v))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"cannot read {v!r} as a number or a fraction like '8/255'") from None
-    else:
-        raise TypeError(f"expected a number or a fraction string like '8/255', got {v!r}")
-    if not (f >= 0.0):
-        raise ValueError(f"epsilon / step size must be >= 0, got {v!r}")
-    return f
 
 
 def _device(name: str) -> torch.device:

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from fragdefense.callbacks import FragilityMonitor
 from fragdefense.cli._config import config_dir
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
@@ -117,6 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "device": str(module.device),
         "torch": torch.__version__,
     }
+    monitor = next((c for c in trainer.callbacks if isinstance(c, FragilityMonitor)), None)
+    fragility = monitor.summary() if monitor is not None else None
+    if fragility is not None:
+        summary["fragility"] = fragility
     wandb_loggers = [lg for lg in loggers if type(lg).__name__ == "WandbLogger"]
     if wandb_loggers and trainer.is_global_zero:
         run = wandb_loggers[0].experiment
@@ -153,6 +158,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     if s["seconds_per_epoch"] is not None:
         t.add_row("seconds / epoch", f"{s['seconds_per_epoch']:.1f}")
     t.add_row("total time", f"{s['total_seconds']:.1f} s")
+    if s.get("fragility"):
+        _fragility_rows(t, s["fragility"], pct)
     t.add_row("best checkpoint", str(s["best_checkpoint"]))
     t.add_row("run directory", s["run_dir"])
     if "wandb" in s:
@@ -160,6 +167,33 @@ def _print_summary(s: dict[str, Any]) -> None:
         hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
         t.add_row("W&B run", escape(f"{w['id']} [{w['mode']}]{hint}"))
     Console().print(t)
+
+
+def _fragility_rows(t: Any, f: dict[str, Any], pct: Any) -> None:
+    """Rows of the fragility summary: probe accuracy clean -> attacked, top-k intersection and Spearman
+    between the clean and the attacked maps per method / attack, mass on the object (synthetic data), figure."""
+    from rich.markup import escape
+
+    k = f["protocol"].get("k")
+    t.add_row(
+        "fragility probe",
+        f"{f['n_probe']} test images, eps {f['eps_255']:.3g}/255, after {f['epoch'] + 1} epochs "
+        f"(acc clean -> attacked; top-{k} intersection, Spearman: clean vs attacked map)",
+    )
+    for method, entry in f["methods"].items():
+        for attack, v in entry["attacks"].items():
+            topk, rho = v.get("topk_intersection", float("nan")), v.get("spearman", float("nan"))
+            t.add_row(
+                escape(f"  {method} / {attack}"),
+                f"acc {pct(f['probe_acc'])} -> {pct(v.get('acc_attacked'))}, top-{k} {topk:.3f}, Spearman {rho:.3f}",
+            )
+        if "mask_mass_clean" in entry:
+            atk = ", ".join(
+                f"{a} {v['mask_mass_attacked']:.3f}" for a, v in entry["attacks"].items() if "mask_mass_attacked" in v
+            )
+            t.add_row(escape(f"  {method}: mass on object"), f"clean {entry['mask_mass_clean']:.3f}, {atk}")
+    if f.get("maps_png"):
+        t.add_row("fragility maps", escape(str(f["maps_png"])))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

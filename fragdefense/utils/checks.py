@@ -6,10 +6,21 @@ that names the argument and the expected form (shape, dtype, range) instead of b
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_maps", "check_pair", "check_int_in_range", "check_nonneg_float"]
+__all__ = [
+    "check_images",
+    "check_maps",
+    "check_pair",
+    "check_int_in_range",
+    "check_nonneg_float",
+    "parse_eps",
+]
 
 
 def check_images(x: Tensor, name: str = "x", *, unit_range: bool = True) -> Tensor:
@@ -88,4 +99,28 @@ def check_nonneg_float(v: float, name: str) -> float:
         raise TypeError(f"`{name}` must be a number >= 0, got {v!r}") from None
     if not (f >= 0.0) or f == float("inf"):
         raise ValueError(f"`{name}` must be a finite number >= 0, got {v!r}")
+    return f
+
+
+def parse_eps(v: Any) -> float:
+    """A budget / step size in pixel units of ``[0, 1]`` images: a number, or a string ``"8/255"``, ``"0.03"``.
+
+    >>> parse_eps("8/255") == 8 / 255, parse_eps(0.5), parse_eps("1/2")
+    (True, 0.5, 0.5)
+    """
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        f = float(v)
+    elif isinstance(v, str):
+        try:
+            if "/" in v:
+                num, den = v.split("/", 1)
+                f = float(num) / float(den)
+            else:
+                f = float(Fraction(v.strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"cannot read {v!r} as a number or a fraction like '8/255'") from None
+    else:
+        raise TypeError(f"expected a number or a fraction string like '8/255', got {v!r}")
+    if not (math.isfinite(f) and f >= 0.0):
+        raise ValueError(f"epsilon / step size must be a finite number >= 0, got {v!r}")
     return f

@@ -1,0 +1,24 @@
+"""Lightning callbacks that monitor explanations while a model trains.
+
+* :class:`FragilityMonitor` — attacks on interpretations on the datamodule's fixed probe set every N epochs
+  and at the end of fit; logs ``fragility/<method>/<attack>/<metric>`` (CSV, W&B), W&B example images and a
+  per-image table, and a maps figure in the run directory.
+"""
+
+from fragdefense.callbacks.fragility import (
+    MONITOR_ATTACKS,
+    MONITOR_METRICS,
+    FragilityMonitor,
+    FragilityReport,
+    parse_eps,
+    preserve_training_state,
+)
+
+__all__ = [
+    "MONITOR_ATTACKS",
+    "MONITOR_METRICS",
+    "FragilityMonitor",
+    "FragilityReport",
+    "parse_eps",
+    "preserve_training_state",
+]

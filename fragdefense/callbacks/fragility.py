@@ -1,0 +1,801 @@
+"""Fragility monitoring while training: attacks on interpretations on a fixed probe set, every N epochs.
+
+:class:`FragilityMonitor` runs, on the datamodule's fixed probe subset of the test split
+(``trainer.datamodule.probe_batch()``), every configured attribution method against every configured attack
+(:func:`fragdefense.attacks.attack_interpretation`) and logs, per epoch,
+
+* ``fragility/probe_acc``: clean accuracy on the probe images;
+* ``fragility/<method>/<attack>/<metric>`` for ``topk_intersection``, ``spearman``, ``kendall``,
+  ``center_shift``, ``lens_recall`` (clean map vs attacked map of the original network), ``label_kept_rate``
+  and ``perturbed_rate`` (share of attacked images for which a label-preserving perturbation was found);
+* on data with ground-truth object masks (the synthetic data): ``fragility/<method>/mask_mass_clean`` and
+  ``fragility/<method>/<attack>/mask_mass_attacked`` (share of the map's mass on the object);
+* ``fragility/seconds`` (wall time of the evaluation, the slowest process under DDP).
+
+Only images the model classifies correctly are attacked (the protocol of Ghorbani et al.); the similarity
+metrics are means over those images.
+
+Design notes:
+
+* **When.** The evaluation runs in ``on_validation_epoch_end`` of the end-of-epoch validation, so its metrics
+  are in ``trainer.callback_metrics`` before ``ModelCheckpoint`` / ``EarlyStopping`` read them (a checkpoint
+  can be selected on ``fragility/saliency/topk/spearman``), and ``trainer.validate`` evaluates a fixed
+  checkpoint. Epochs without validation (``check_val_every_n_epoch > 1``, ``limit_val_batches=0``) fall back
+  to ``on_train_epoch_end``. The end-of-fit evaluation (``on_fit_end=True``) runs in ``on_train_end``: the
+  last hook of ``fit`` before Lightning's teardown moves the model to the CPU and finalises the loggers. It
+  reuses the last epoch's evaluation when no training step happened since.
+* **No side effects on training.** The evaluation runs in eval mode and restores every submodule's own
+  train/eval flag; the CPU and CUDA RNG states, python ``random`` and numpy are saved and restored (the
+  training sampler draws its shuffling seed from the global torch RNG, so this keeps the data order);
+  attacks differentiate with ``torch.autograd.grad`` w.r.t. the input only, so no parameter ``.grad`` changes;
+  BatchNorm statistics are untouched in eval mode; the optimizer is never seen. A test checks bitwise-equal
+  weights and losses with the monitor on and off.
+* **Deterministic and shard-invariant.** Attacks without randomness (gradient attacks without random start)
+  run batched. Randomised attacks (``random_sign``, ``random_walk``, ``random_start=True``) run image by
+  image with a generator seeded from ``(seed, method, attack, test index)``, so every image gets the same
+  perturbation at every epoch, whatever the batch size, ``n_probe`` or number of processes.
+* **Multi-device.** Under DDP rank ``r`` of ``W`` takes probe positions ``r::W``; the metrics are torchmetrics
+  objects whose ``sum``/``count`` states are summed across processes at ``compute`` (the means are exact),
+  per-image records are gathered to every rank, and images, tables and the PNG are written by rank 0 only.
+* **W&B.** With a ``WandbLogger`` the scalars are defined (``define_metric``) against ``epoch``; example strips
+  (original, perturbed, clean map, attacked map) are logged every ``log_images_every_n_epochs`` epochs as
+  ``fragility/<method>/<attack>/examples``; at the end of fit a ``wandb.Table`` of per-image results
+  (``fragility/per_image``) and the maps figure (``fragility/maps``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fragdefense.attacks import attack_interpretation
+from fragdefense.attributions import get_attribution, supports_create_graph
+from fragdefense.metrics import functional as MF
+from fragdefense.utils.checks import parse_eps
+
+__all__ = [
+    "FragilityMonitor",
+    "FragilityReport",
+    "MONITOR_ATTACKS",
+    "MONITOR_METRICS",
+    "parse_eps",
+    "preserve_training_state",
+]
+
+#: Attacks the monitor can run (the targeted attacks need a per-image target, which a monitor has no way to pick).
+MONITOR_ATTACKS = ("random_sign", "random_walk", "topk", "mass_center")
+#: Per-(method, attack) metrics, in logging order (``mask_mass_attacked`` is added on data with masks).
+MONITOR_METRICS = (
+    "topk_intersection",
+    "spearman",
+    "kendall",
+    "center_shift",
+    "lens_recall",
+    "label_kept_rate",
+    "perturbed_rate",
+)
+_RANDOM_ATTACKS = ("random_sign", "random_walk")
+_PREFIX = "fragility/"
+
+
+def _int(v: Any, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _plain(v: Any) -> Any:
+    """OmegaConf containers -> python containers (when the monitor is built from Hydra without ``_convert_``)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return v
+    if isinstance(v, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(v, resolve=True)
+    return v
+
+
+@contextmanager
+def preserve_training_state(module: nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block without side effects on training: restores each submodule's train/eval flag, the torch CPU
+    RNG (and the CUDA RNG of ``device``), python ``random`` and numpy's global RNG, and the grad mode.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    >>> _ = net[1].eval()
+    >>> s = torch.random.get_rng_state()
+    >>> with preserve_training_state(net):
+    ...     _ = net.eval(), torch.rand(3)
+    >>> net.training, net[1].training, torch.equal(s, torch.random.get_rng_state())
+    (True, False, True)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if (device is not None and device.type == "cuda")
+        else []
+    )
+    grad = torch.is_grad_enabled()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_grad_enabled(grad)
+
+
+@dataclass
+class FragilityReport:
+    """Result of one :meth:`FragilityMonitor.evaluate` call.
+
+    ``metrics`` are synchronised means over all processes (keys without the ``fragility/`` prefix, e.g.
+    ``"saliency/topk/spearman"``); ``records`` one dict per attacked image (gathered from every process,
+    sorted by method, attack and probe position); ``examples`` maps ``(method, attack)`` to the first
+    ``n_images_logged`` attacked images of this process (``x``, ``x_adv``, ``clean_map``, ``adv_map``,
+    ``label``, ``test_index``, ``topk_intersection``; CPU tensors / lists).
+    """
+
+    metrics: dict[str, float]
+    records: list[dict[str, Any]]
+    examples: dict[tuple[str, str], dict[str, Any]]
+    epoch: int
+    global_step: int
+    n_probe: int
+    seconds: float
+    protocol: dict[str, Any] = field(default_factory=dict)
+    stage: str = "fit"
+
+    def scalars(self) -> dict[str, float]:
+        """The metrics as logged: ``{"fragility/<name>": value}`` plus ``fragility/seconds``."""
+        out = {_PREFIX + k: v for k, v in self.metrics.items()}
+        out[_PREFIX + "seconds"] = self.seconds
+        return out
+
+
+class FragilityMonitor(L.Callback):
+    """Monitor how fragile the model's explanations are while it trains (see the module docstring).
+
+    Args:
+        every_n_epochs: evaluate after epochs ``e`` (0-based) with ``(e + 1) % every_n_epochs == 0``;
+            ``0``: only at the end of fit.
+        methods: attribution methods, ``{name: options}`` (e.g. ``{"saliency": {}, "integrated_gradients":
+            {"steps": 16}}``) or a list of names. Gradient attacks need methods supporting ``create_graph``.
+        attacks: any of ``random_sign``, ``random_walk``, ``topk``, ``mass_center``.
+        eps: L-inf (or L2, ``threat``) budget in pixel units of ``[0, 1]`` images; ``"8/255"`` strings accepted.
+        steps, step_size, k, beta, check_every, restarts, random_start, criterion, threat, reduce, lens_window:
+            the attack protocol, passed to :func:`~fragdefense.attacks.attack_interpretation` (``step_size``
+            also accepts fraction strings; ``None`` = ``eps / 8``). ``k`` (top-k size of the ``topk`` attack
+            and of the top-k / LENS metrics) is capped at ``H * W``.
+        n_probe: use at most this many probe images (``None``: all of ``datamodule.probe_batch()``).
+        batch_size: images per attack batch (per process).
+        log_images_every_n_epochs: log example strips to W&B every N epochs (only at evaluated epochs;
+            ``0``: never).
+        n_images_logged: example images per (method, attack) for W&B and the PNG.
+        on_fit_end: evaluate at the end of fit (reusing the last evaluation when the weights have not changed
+            since), log the W&B per-image table and write ``maps_png``; :meth:`summary` reads this result.
+        on_validate: also evaluate during ``trainer.validate``.
+        maps_png: file name of the maps figure at the end of fit, relative to ``trainer.default_root_dir``
+            (or absolute); ``None``: no figure.
+        seed: seed of the random attacks' per-image generators (and of the global RNG inside the evaluation,
+            for stochastic attribution methods such as SmoothGrad).
+
+    Example:
+        >>> from fragdefense.models import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("small_cnn", num_classes=10, width=4).eval()
+        >>> x = torch.rand(4, 3, 16, 16)
+        >>> probe = {"x": x, "y": net(x).argmax(1), "mask": None, "indices": [0, 1, 2, 3]}
+        >>> mon = FragilityMonitor(attacks=["random_sign", "topk"], eps="4/255", steps=2, check_every=1, k=20)
+        >>> rep = mon.evaluate(net, probe)
+        >>> rep.metrics["probe_acc"], rep.metrics["saliency/topk/label_kept_rate"]
+        (1.0, 1.0)
+        >>> sorted(k for k in rep.scalars() if k.startswith("fragility/saliency/topk/"))[:2]
+        ['fragility/saliency/topk/center_shift', 'fragility/saliency/topk/kendall']
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        methods: Mapping[str, Mapping[str, Any] | None] | Sequence[str] | None = None,
+        attacks: Sequence[str] = ("random_sign", "topk"),
+        eps: float | str = "8/255",
+        steps: int = 10,
+        step_size: float | str | None = "2/255",
+        k: int = 100,
+        beta: float | Sequence[float] = 10.0,
+        check_every: int = 5,
+        restarts: int = 1,
+        random_start: bool = False,
+        criterion: str = "auto",
+        threat: str = "linf",
+        reduce: str = "abs_sum",
+        lens_window: int = 1,
+        n_probe: int | None = 64,
+        batch_size: int = 64,
+        log_images_every_n_epochs: int = 2,
+        n_images_logged: int = 4,
+        on_fit_end: bool = True,
+        on_validate: bool = True,
+        maps_png: str | None = "fragility_maps.png",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        methods, attacks, beta = _plain(methods), _plain(attacks), _plain(beta)
+        if methods is None:
+            methods = {"saliency": {}}
+        if isinstance(methods, str):
+            methods = [methods]
+        if isinstance(methods, Mapping):
+            self.methods = {str(m): dict(o or {}) for m, o in methods.items()}
+        elif isinstance(methods, Sequence):
+            self.methods = {str(m): {} for m in methods}
+        else:
+            raise TypeError(f"`methods` must be a dict name -> options or a list of names, got {methods!r}")
+        if not self.methods:
+            raise ValueError("`methods` is empty; give at least one attribution method, e.g. {'saliency': {}}")
+        if isinstance(attacks, str):
+            attacks = [attacks]
+        self.attacks = [str(a) for a in attacks]
+        if not self.attacks:
+            raise ValueError(f"`attacks` is empty; give at least one of {MONITOR_ATTACKS}")
+        for a in self.attacks:
+            if a not in MONITOR_ATTACKS:
+                raise ValueError(f"unknown monitor attack {a!r}; expected one of {MONITOR_ATTACKS}")
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"`attacks` has duplicates: {self.attacks}")
+        for m in self.methods:
+            get_attribution(m)  # raises with the list of known methods
+            for a in self.attacks:
+                if a not in _RANDOM_ATTACKS and not supports_create_graph(m):
+                    raise ValueError(
+                        f"attack {a!r} back-propagates through the map, but method {m!r} does not support "
+                        "create_graph; monitor it with random_sign / random_walk only"
+                    )
+        self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 0)
+        self.eps = parse_eps(eps)
+        self.step_size = None if step_size is None else parse_eps(step_size)
+        self.steps = _int(steps, "steps", 1)
+        self.k = _int(k, "k", 1)
+        self.beta = beta if isinstance(beta, (int, float)) else [float(b) for b in beta]
+        self.check_every = _int(check_every, "check_every", 1)
+        self.restarts = _int(restarts, "restarts", 1)
+        self.random_start = bool(random_start)
+        self.criterion = str(criterion)
+        self.threat = str(threat)
+        self.reduce = str(reduce)
+        self.lens_window = _int(lens_window, "lens_window", 0)
+        self.n_probe = None if n_probe is None else _int(n_probe, "n_probe", 1)
+        self.batch_size = _int(batch_size, "batch_size", 1)
+        self.log_images_every_n_epochs = _int(log_images_every_n_epochs, "log_images_every_n_epochs", 0)
+        self.n_images_logged = _int(n_images_logged, "n_images_logged", 0)
+        self.on_fit_end_enabled = bool(on_fit_end)
+        self.on_validate = bool(on_validate)
+        self.maps_png = maps_png
+        self.seed = _int(seed, "seed", 0)
+        #: the last evaluation (any stage) and the end-of-fit one
+        self.last: FragilityReport | None = None
+        self.final: FragilityReport | None = None
+        #: path of the maps figure written at the end of fit (rank 0)
+        self.png_path: Path | None = None
+        self._probe: dict[str, Any] | None = None
+        self._evaluated_epoch: int | None = None
+        self._wandb_defined = False
+
+    # --- protocol -------------------------------------------------------------------------------------
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """The attack protocol (recorded with every result: numbers from different protocols don't compare)."""
+        return {
+            "methods": self.methods,
+            "attacks": list(self.attacks),
+            "eps": self.eps,
+            "eps_255": self.eps * 255,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "k": self.k,
+            "beta": self.beta,
+            "check_every": self.check_every,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+            "criterion": self.criterion,
+            "threat": self.threat,
+            "reduce": self.reduce,
+            "lens_window": self.lens_window,
+            "seed": self.seed,
+        }
+
+    def metric_names(self, with_mask: bool) -> list[str]:
+        """Logged scalar names (with the ``fragility/`` prefix), in logging order.
+
+        >>> FragilityMonitor(attacks=["topk"]).metric_names(with_mask=False)[:3]
+        ['fragility/probe_acc', 'fragility/saliency/topk/topk_intersection', 'fragility/saliency/topk/spearman']
+        """
+        names = ["probe_acc"]
+        for m in self.methods:
+            if with_mask:
+                names.append(f"{m}/mask_mass_clean")
+            for a in self.attacks:
+                names += [f"{m}/{a}/{x}" for x in MONITOR_METRICS]
+                if with_mask:
+                    names.append(f"{m}/{a}/mask_mass_attacked")
+        return [_PREFIX + n for n in names] + [_PREFIX + "seconds"]
+
+    def _randomised(self, attack: str) -> bool:
+        return attack in _RANDOM_ATTACKS or self.random_start
+
+    # --- the evaluation -------------------------------------------------------------------------------
+    def evaluate(
+        self,
+        model: nn.Module,
+        probe: Mapping[str, Any],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        global_step: int = 0,
+        keep_examples: bool = True,
+        stage: str = "fit",
+    ) -> FragilityReport:
+        """Run every method x attack on this process's shard of ``probe`` and return the synchronised report.
+
+        Args:
+            model: classifier, images in ``[0, 1]`` -> logits (e.g. ``ClassifierModule.model``).
+            probe: ``{"x": (P,C,H,W), "y": (P,), "mask": (P,H,W) or None, "indices": list}`` as
+                ``probe_batch()`` returns; the first ``n_probe`` images are used.
+            rank, world_size: this process's shard is positions ``rank::world_size``. With
+                ``world_size > 1`` every process must call this (the metrics synchronise at ``compute``).
+            epoch, global_step, stage: recorded in the report.
+            keep_examples: keep example images (rank 0).
+
+        The model's and its submodules' train/eval flags, the RNG states and parameter gradients are left
+        as they were.
+        """
+        from torchmetrics.aggregation import MeanMetric
+
+        from fragdefense.metrics import CenterShift, KendallTau, LensTopK, MaskMass, SpearmanRank, TopKIntersection
+
+        t0 = time.perf_counter()
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+        n_all = int(len(probe["y"]))
+        n_total = n_all if self.n_probe is None else min(self.n_probe, n_all)
+        positions = list(range(rank, n_total, world_size))
+        indices = list(probe["indices"])
+        with torch.inference_mode(False), preserve_training_state(model, device), torch.enable_grad():
+            model.eval()
+            x = probe["x"][positions].to(device=device, dtype=torch.float32).clone()
+            y = probe["y"][positions].to(device=device, dtype=torch.long).clone()
+            mask = probe.get("mask")
+            mask = mask[positions].to(device).clone() if mask is not None else None
+            test_index = [int(indices[i]) for i in positions]
+            h, w = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
+            k = min(self.k, h * w)
+
+            ms: dict[str, Any] = {"probe_acc": MeanMetric()}
+            for m in self.methods:
+                if mask is not None:
+                    ms[f"{m}/mask_mass_clean"] = MaskMass()
+                for a in self.attacks:
+                    pre = f"{m}/{a}/"
+                    ms[pre + "topk_intersection"] = TopKIntersection(k)
+                    ms[pre + "spearman"] = SpearmanRank()
+                    ms[pre + "kendall"] = KendallTau()
+                    ms[pre + "center_shift"] = CenterShift()
+                    ms[pre + "lens_recall"] = LensTopK(k, self.lens_window, mode="recall")
+                    ms[pre + "label_kept_rate"] = MeanMetric()
+                    ms[pre + "perturbed_rate"] = MeanMetric()
+                    if mask is not None:
+                        ms[pre + "mask_mass_attacked"] = MaskMass()
+            for metric in ms.values():
+                metric.to(device)
+
+            records: list[dict[str, Any]] = []
+            examples: dict[tuple[str, str], dict[str, Any]] = {}
+            n_local = len(positions)
+            if n_local:
+                # stochastic methods (SmoothGrad) draw from the global RNG: seed it (restored on exit)
+                torch.random.default_generator.manual_seed(self.seed)
+                if device.type == "cuda":
+                    torch.cuda.manual_seed(self.seed)
+                with torch.no_grad():
+                    pred = torch.cat(
+                        [model(x[s : s + self.batch_size]).argmax(1) for s in range(0, n_local, self.batch_size)]
+                    )
+                ms["probe_acc"].update((pred == y).float())
+            for mi, (method, mopts) in enumerate(self.methods.items()):
+                for ai, attack in enumerate(self.attacks):
+                    if self._randomised(attack):
+                        chunks = [[j] for j in range(n_local)]
+                    else:
+                        chunks = [
+                            list(range(s, min(s + self.batch_size, n_local)))
+                            for s in range(0, n_local, self.batch_size)
+                        ]
+                    for ch in chunks:
+                        gen = None
+                        if self._randomised(attack):
+                            key = f"{self.seed}:{method}:{attack}:{test_index[ch[0]]}"
+                            gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+                        res = attack_interpretation(
+                            model,
+                            x[ch],
+                            y[ch],
+                            attack=attack,
+                            method=method,
+                            method_opts=mopts,
+                            eps=self.eps,
+                            step_size=self.step_size,
+                            steps=self.steps,
+                            restarts=self.restarts,
+                            random_start=self.random_start,
+                            k=k,
+                            criterion=self.criterion,
+                            beta=self.beta,
+                            threat=self.threat,
+                            reduce=self.reduce,
+                            lens_window=self.lens_window,
+                            check_every=self.check_every,
+                            generator=gen,
+                        )
+                        if res.n_attacked == 0:
+                            continue
+                        sel = [ch[i] for i in res.index.tolist()]
+                        clean, adv = res.clean_map, res.adv_map
+                        pre = f"{method}/{attack}/"
+                        ms[pre + "topk_intersection"].update(adv, clean)
+                        ms[pre + "spearman"].update(adv, clean)
+                        ms[pre + "kendall"].update(adv, clean)
+                        ms[pre + "center_shift"].update(adv, clean)
+                        ms[pre + "lens_recall"].update(clean, adv)
+                        ms[pre + "label_kept_rate"].update(res.label_kept.float())
+                        ms[pre + "perturbed_rate"].update(res.perturbed.float())
+                        per_image = {k_: v.detach().double().cpu() for k_, v in res.metrics.items()}
+                        if mask is not None:
+                            mk = mask[sel]
+                            ms[pre + "mask_mass_attacked"].update(adv.abs(), mk)
+                            per_image["mask_mass_attacked"] = MF.mask_mass(adv.abs(), mk).double().cpu()
+                            per_image["mask_mass_clean"] = MF.mask_mass(clean.abs(), mk).double().cpu()
+                            if ai == 0:
+                                ms[f"{method}/mask_mass_clean"].update(clean.abs(), mk)
+                        for j, loc in enumerate(sel):
+                            row = {
+                                "method": method,
+                                "attack": attack,
+                                "eps": self.eps,
+                                "probe_pos": positions[loc],
+                                "test_index": test_index[loc],
+                                "label": int(res.label[j]),
+                                "label_kept": bool(res.label_kept[j]),
+                                "perturbed": bool(res.perturbed[j]),
+                                "best_iter": int(res.best_iter[j]),
+                                "_order": (mi, ai),
+                            }
+                            row.update({k_: float(v[j]) for k_, v in per_image.items()})
+                            records.append(row)
+                        if keep_examples and self.n_images_logged:
+                            ex = examples.setdefault(
+                                (method, attack),
+                                {
+                                    "x": [],
+                                    "x_adv": [],
+                                    "clean_map": [],
+                                    "adv_map": [],
+                                    "label": [],
+                                    "test_index": [],
+                                    "topk_intersection": [],
+                                },
+                            )
+                            for j, loc in enumerate(sel):
+                                if len(ex["x"]) >= self.n_images_logged:
+                                    break
+                                ex["x"].append(x[loc].detach().cpu())
+                                ex["x_adv"].append(res.x_adv[res.index[j]].detach().cpu())
+                                ex["clean_map"].append(clean[j].detach().cpu())
+                                ex["adv_map"].append(adv[j].detach().cpu())
+                                ex["label"].append(int(res.label[j]))
+                                ex["test_index"].append(test_index[loc])
+                                ex["topk_intersection"].append(float(per_image["topk_intersection"][j]))
+
+            values: dict[str, float] = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "compute called before update" on a process with no images
+                for name, metric in ms.items():  # same order on every process: compute() synchronises
+                    try:
+                        values[name] = float(metric.compute())
+                    except RuntimeError:  # no sample on any process (e.g. every probe image misclassified)
+                        values[name] = float("nan")
+        records = _gather(records, world_size)
+        records.sort(key=lambda r: (r["_order"], r["probe_pos"]))
+        for r in records:
+            del r["_order"]
+        for ex in examples.values():
+            for key in ("x", "x_adv", "clean_map", "adv_map"):
+                ex[key] = torch.stack(ex[key]) if ex[key] else torch.empty(0)
+        return FragilityReport(
+            metrics=values,
+            records=records,
+            examples=examples,
+            epoch=int(epoch),
+            global_step=int(global_step),
+            n_probe=n_total,
+            seconds=time.perf_counter() - t0,
+            protocol=self.protocol,
+            stage=stage,
+        )
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        probe = self._get_probe(trainer)
+        if not self._wandb_defined and trainer.is_global_zero:
+            runs = _wandb_runs(trainer)
+            if runs:
+                names = self.metric_names(with_mask=probe.get("mask") is not None)
+                for run in runs:
+                    run.define_metric("epoch")
+                    for n in names:
+                        run.define_metric(n, step_metric="epoch")
+                    run.define_metric(_PREFIX + "*", step_metric="epoch")
+                    run.config.update({"fragility_monitor": self.protocol}, allow_val_change=True)
+                self._wandb_defined = True
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
+        if fn == "validate":
+            if self.on_validate:
+                self._run_and_log(trainer, pl_module, stage="validate")
+            return
+        if fn != "fit" or not self._due(trainer.current_epoch):
+            return
+        if not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", True):
+            return  # a mid-epoch validation (val_check_interval < 1): wait for the end-of-epoch one
+        self._run_and_log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # fallback for epochs without (end-of-epoch) validation
+        if self._due(trainer.current_epoch) and self._evaluated_epoch != trainer.current_epoch:
+            self._run_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.on_fit_end_enabled:
+            return
+        rep = self.last
+        if rep is None or rep.stage != "fit" or rep.global_step != trainer.global_step:
+            epoch = max(int(trainer.fit_loop.epoch_progress.current.ready) - 1, 0)  # the epoch of these weights
+            rep = self._run(trainer, pl_module, epoch=epoch)
+            if trainer.is_global_zero:
+                for lg in trainer.loggers:
+                    lg.log_metrics({**rep.scalars(), "epoch": epoch}, step=trainer.global_step)
+                    lg.save()
+        self.final = rep
+        if trainer.is_global_zero:
+            self.png_path = self._write_png(trainer, rep)
+            self._wandb_final(trainer, rep)
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def _due(self, epoch: int) -> bool:
+        return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
+
+    def _get_probe(self, trainer: L.Trainer) -> dict[str, Any]:
+        if self._probe is None:
+            dm = getattr(trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "probe_batch"):
+                raise RuntimeError(
+                    "FragilityMonitor needs a datamodule with probe_batch() (every fragdefense datamodule has one); "
+                    "pass `datamodule=` to fit/validate"
+                )
+            with torch.inference_mode(False):
+                batch = dm.probe_batch()
+                self._probe = {
+                    "x": batch["x"].clone(),
+                    "y": batch["y"].clone(),
+                    "mask": batch["mask"].clone() if batch.get("mask") is not None else None,
+                    "indices": list(batch["indices"]),
+                }
+            if len(self._probe["y"]) == 0:
+                warnings.warn("FragilityMonitor: the probe set is empty (data.probe_size=0)", stacklevel=2)
+        return self._probe
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, stage: str = "fit") -> FragilityReport:
+        net = pl_module.model if isinstance(getattr(pl_module, "model", None), nn.Module) else pl_module
+        with preserve_training_state(pl_module, pl_module.device):
+            rep = self.evaluate(
+                net,
+                self._get_probe(trainer),
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+                epoch=epoch,
+                global_step=trainer.global_step,
+                keep_examples=trainer.is_global_zero,
+                stage=stage,
+            )
+        self.last = rep
+        return rep
+
+    def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str = "fit") -> None:
+        epoch = int(trainer.current_epoch)
+        rep = self._run(trainer, pl_module, epoch=epoch, stage=stage)
+        self._evaluated_epoch = epoch if stage == "fit" else self._evaluated_epoch
+        # Values are already identical on every process (synchronised by torchmetrics); "max" over identical
+        # values keeps them exact and satisfies Lightning's epoch-level sync.
+        pl_module.log_dict(rep.scalars(), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+        n = self.log_images_every_n_epochs
+        if trainer.is_global_zero and n and (epoch + 1) % n == 0:
+            self._wandb_images(trainer, rep)
+
+    def _write_png(self, trainer: L.Trainer, rep: FragilityReport) -> Path | None:
+        if not self.maps_png or not rep.examples:
+            return None
+        from fragdefense.viz import plot_examples
+
+        method = next(iter(self.methods))
+        attack = next((a for a in self.attacks if a not in _RANDOM_ATTACKS), self.attacks[0])
+        ex = rep.examples.get((method, attack))
+        if ex is None or not len(ex["x"]):
+            return None
+        path = Path(self.maps_png)
+        if not path.is_absolute():
+            path = Path(trainer.default_root_dir) / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pre = f"{method}/{attack}/"
+        k = min(self.k, ex["x"].shape[-2] * ex["x"].shape[-1])
+        title = (
+            f"{method} / {attack}, eps {self.eps * 255:.3g}/255, after epoch {rep.epoch + 1}: top-{k}"
+            f" intersection {rep.metrics.get(pre + 'topk_intersection', float('nan')):.2f}, "
+            f"Spearman {rep.metrics.get(pre + 'spearman', float('nan')):.2f}"
+        )
+        return plot_examples(ex, path, title=title)
+
+    def _wandb_images(self, trainer: L.Trainer, rep: FragilityReport) -> None:
+        runs = _wandb_runs(trainer)
+        if not runs or not rep.examples:
+            return
+        import wandb
+
+        payload: dict[str, Any] = {"epoch": rep.epoch}
+        for (method, attack), ex in rep.examples.items():
+            imgs = []
+            for i in range(len(ex["x"])):
+                strip = _example_strip(ex["x"][i], ex["x_adv"][i], ex["clean_map"][i], ex["adv_map"][i])
+                cap = (
+                    f"test #{ex['test_index'][i]} label {ex['label'][i]} | top-k ∩ {ex['topk_intersection'][i]:.2f}"
+                    " | original, perturbed, clean map, attacked map"
+                )
+                imgs.append(wandb.Image(strip, caption=cap))
+            payload[f"{_PREFIX}{method}/{attack}/examples"] = imgs
+        for run in runs:
+            run.log(payload)
+
+    def _wandb_final(self, trainer: L.Trainer, rep: FragilityReport) -> None:
+        runs = _wandb_runs(trainer)
+        if not runs:
+            return
+        import wandb
+
+        cols = [
+            "epoch",
+            "method",
+            "attack",
+            "eps",
+            "probe_pos",
+            "test_index",
+            "label",
+            "label_kept",
+            "perturbed",
+            "best_iter",
+            "topk_intersection",
+            "spearman",
+            "kendall",
+            "center_shift",
+            "lens_recall",
+            "linf_distance",
+            "mask_mass_clean",
+            "mask_mass_attacked",
+        ]
+        data = [[rep.epoch if c == "epoch" else r.get(c) for c in cols] for r in rep.records]
+        payload: dict[str, Any] = {"epoch": rep.epoch, f"{_PREFIX}per_image": wandb.Table(columns=cols, data=data)}
+        if self.png_path is not None and self.png_path.is_file():
+            payload[f"{_PREFIX}maps"] = wandb.Image(str(self.png_path), caption=self.png_path.name)
+        for run in runs:
+            run.log(payload)
+            run.summary.update({f"{_PREFIX}final/{k}": v for k, v in rep.metrics.items()})
+
+    def summary(self) -> dict[str, Any] | None:
+        """The end-of-fit result (or, with ``on_fit_end=False``, the last evaluation during fit) as a JSON-ready
+        dict; ``None`` if there is none.
+
+        ``{"epoch", "n_probe", "eps", "eps_255", "protocol", "probe_acc", "seconds", "maps_png",
+        "methods": {method: {"mask_mass_clean"?, "attacks": {attack: {metric: value, "acc_attacked"}}}}}``;
+        ``acc_attacked`` = share of probe images still correctly classified after the attack.
+        """
+        rep = self.final
+        if rep is None and self.last is not None and self.last.stage == "fit":
+            rep = self.last
+        if rep is None:
+            return None
+        acc = rep.metrics.get("probe_acc", float("nan"))
+        methods: dict[str, Any] = {}
+        for m in self.methods:
+            entry: dict[str, Any] = {}
+            if f"{m}/mask_mass_clean" in rep.metrics:
+                entry["mask_mass_clean"] = rep.metrics[f"{m}/mask_mass_clean"]
+            atk: dict[str, Any] = {}
+            for a in self.attacks:
+                pre = f"{m}/{a}/"
+                vals = {k[len(pre) :]: v for k, v in rep.metrics.items() if k.startswith(pre)}
+                vals["acc_attacked"] = acc * vals.get("label_kept_rate", float("nan"))
+                atk[a] = vals
+            entry["attacks"] = atk
+            methods[m] = entry
+        return {
+            "epoch": rep.epoch,
+            "global_step": rep.global_step,
+            "n_probe": rep.n_probe,
+            "eps": self.eps,
+            "eps_255": self.eps * 255,
+            "protocol": rep.protocol,
+            "probe_acc": acc,
+            "methods": methods,
+            "seconds": rep.seconds,
+            "maps_png": str(self.png_path) if self.png_path is not None else None,
+        }
+
+
+def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """Every process's records on every process (a no-op on one process)."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return records
+    out: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, records)
+    return [r for part in out for r in (part or [])]
+
+
+def _wandb_runs(trainer: L.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _colorize(m: Tensor, cmap: str = "hot") -> Tensor:
+    """Map ``(H, W)`` -> RGB ``(3, H, W)`` in ``[0, 1]`` (scaled by its own maximum)."""
+    import matplotlib
+
+    a = m.detach().float().abs()
+    a = a / a.max().clamp_min(1e-12)
+    rgb = matplotlib.colormaps[cmap](a.numpy())[..., :3]
+    return torch.from_numpy(rgb).permute(2, 0, 1).float()
+
+
+def _example_strip(x: Tensor, x_adv: Tensor, clean: Tensor, adv: Tensor, scale: int = 4) -> np.ndarray:
+    """One ``H x 4W`` RGB uint8 strip: original | perturbed | clean map | attacked map (upscaled ``scale``x).
+
+    >>> _example_strip(torch.rand(3, 8, 8), torch.rand(3, 8, 8), torch.rand(8, 8), torch.rand(8, 8)).shape
+    (32, 128, 3)
+    """
+    img = x.float().clamp(0, 1)
+    if img.shape[0] == 1:
+        img, x_adv = img.expand(3, -1, -1), x_adv.expand(3, -1, -1)
+    row = torch.cat([img, x_adv.float().clamp(0, 1), _colorize(clean), _colorize(adv)], dim=2)
+    row = row.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return (row.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
