@@ -105,25 +105,9 @@ def _idx(t: Tensor) -> Tensor:
 
 
 def _group_start(new_group: Tensor) -> Tensor:
-    """For a ``(B, D)`` bool tensor marking the first element of each run, the start index of every run.
-
-    Run ids come from one cumulative sum; each run's first position is scattered into a per-row table and
-    read back (O(D) vectorised ops; ``cummax`` is a slow sequential kernel on CPU).
-    """
-    return _run_bounds(new_group)[0]
-
-
-def _run_bounds(new_group: Tensor) -> tuple[Tensor, Tensor]:
-    """``(start, length)`` of the run containing each element, int32 ``(B, D)``; ``new_group`` marks run starts."""
-    bsz, d = new_group.shape
-    dev = new_group.device
-    ar = torch.arange(d, dtype=torch.int32, device=dev).expand(bsz, d)
-    gid = new_group.cumsum(dim=-1, dtype=torch.int32) - 1  # run id of each element, 0-based
-    first = torch.zeros(bsz, d + 1, dtype=torch.int32, device=dev)
-    first.scatter_(1, _idx(torch.where(new_group, gid, d)), ar)  # column d collects the non-starts
-    count = torch.zeros(bsz, d, dtype=torch.int32, device=dev)
-    count.scatter_add_(1, _idx(gid), torch.ones_like(gid))
-    return first.gather(1, _idx(gid)), count.gather(1, _idx(gid))
+    """For a ``(B, D)`` bool tensor marking the first element of each run, the start index of every run."""
+    ar = torch.arange(new_group.shape[-1], dtype=torch.int32, device=new_group.device)
+    return (new_group * ar).cummax(dim=-1).values
 
 
 def _run_starts(sv: Tensor) -> Tensor:
@@ -137,8 +121,9 @@ def _twice_centred_rank_sorted(sv: Tensor) -> Tensor:
     """``2 * r - (D + 1)`` for the 1-based average ("fractional") rank ``r`` of each element of the sorted
     rows ``sv`` ``(B, D)``, as exact int32.
 
-    A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``
-    (``s`` and the run length from :func:`_run_bounds`).
+    A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``.
+    ``s`` is a cumulative max of run-start positions; ``e`` the same on the reversed rows (as
+    ``e_rev = D - 1 - e``), giving ``s - e_rev``. Only rows that contain ties take this path.
     """
     bsz, d = sv.shape
     ar = torch.arange(d, dtype=torch.int32, device=sv.device)
@@ -149,8 +134,10 @@ def _twice_centred_rank_sorted(sv: Tensor) -> Tensor:
         return (2 * ar + (1 - d)).expand(bsz, d)
     out = (2 * ar + (1 - d)).expand(bsz, d).clone()
     rows = tied.nonzero().flatten()  # tie handling only where needed (random float maps rarely tie)
-    start, length = _run_bounds(new[rows, :d])
-    out[rows] = 2 * start + length - d  # s + e + 1 - D with e = s + length - 1
+    nr = new[rows]
+    start = (nr[:, :d] * ar).cummax(dim=-1).values
+    end_rev = (nr[:, 1:].flip(-1) * ar).cummax(dim=-1).values.flip(-1)  # nr[:, i+1]: a run ends at i
+    out[rows] = start - end_rev
     return out
 
 
