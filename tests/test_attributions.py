@@ -226,7 +226,7 @@ def test_small_cnn_matches_captum(small_cnn):
 # ----------------------------------------------------------------------------- double backprop
 
 
-def _fd_check(fn, x0: torch.Tensor, n_dirs: int = 3, h: float = 1e-5, rtol: float = 1e-4) -> None:
+def check_fd(fn, x0: torch.Tensor, n_dirs: int = 3, h: float = 1e-5, rtol: float = 1e-4) -> None:
     """Directional derivatives of the scalar ``fn`` at ``x0``: autograd vs central differences."""
     xg = x0.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(fn(xg), xg)
@@ -258,7 +258,7 @@ def test_second_order_saliency_and_ig_match_finite_differences(soft_net, x, t):
         return (input_x_gradient(soft_net, z, t, create_graph=True) ** 2).sum()
 
     for fn in (f_sal, f_ig, f_sg, f_ixg):
-        _fd_check(fn, x)
+        check_fd(fn, x)
 
 
 @pytest.mark.parametrize("name", CREATE_GRAPH_METHODS)
