@@ -86,11 +86,5 @@ def input_x_gradient(
         >>> torch.allclose(a.sum((1, 2, 3)), net(x)[[0, 1], [0, 4]] - net[1].bias[[0, 4]])
         True
     """
-    check_model(model)
-    check_x(x)
-    check_output(output)
-    form = check_target_form(target, x.shape[0])
-    inp = grad_input(x, create_graph)
-    g, _ = input_gradient(model, inp, form, output, create_graph)
-    a = inp * g
-    return a if create_graph else a.detach()
+    g = saliency(model, x, target, create_graph=create_graph, output=output)
+    return x * g if create_graph else x.detach() * g
