@@ -304,20 +304,26 @@ class FragilityMonitor(L.Callback):
         return {
             "methods": self.methods,
             "attacks": list(self.attacks),
-            "eps": self.eps,
             "eps_255": self.eps * 255,
-            "steps": self.steps,
-            "step_size": self.step_size,
             "k": self.k,
-            "beta": self.beta,
-            "check_every": self.check_every,
+            **self._attack_kwargs(),
+            "seed": self.seed,
+        }
+
+    def _attack_kwargs(self) -> dict[str, Any]:
+        """Options passed unchanged to :func:`~fragdefense.attacks.attack_interpretation` for every attack."""
+        return {
+            "eps": self.eps,
+            "step_size": self.step_size,
+            "steps": self.steps,
             "restarts": self.restarts,
             "random_start": self.random_start,
             "criterion": self.criterion,
+            "beta": self.beta,
             "threat": self.threat,
             "reduce": self.reduce,
             "lens_window": self.lens_window,
-            "seed": self.seed,
+            "check_every": self.check_every,
         }
 
     def metric_names(self, with_mask: bool) -> list[str]:
@@ -418,6 +424,7 @@ class FragilityMonitor(L.Callback):
                         [model(x[s : s + self.batch_size]).argmax(1) for s in range(0, n_local, self.batch_size)]
                     )
                 ms["probe_acc"].update((pred == y).float())
+            attack_kwargs = self._attack_kwargs()
             for mi, (method, mopts) in enumerate(self.methods.items()):
                 for ai, attack in enumerate(self.attacks):
                     if self._randomised(attack):
@@ -439,19 +446,9 @@ class FragilityMonitor(L.Callback):
                             attack=attack,
                             method=method,
                             method_opts=mopts,
-                            eps=self.eps,
-                            step_size=self.step_size,
-                            steps=self.steps,
-                            restarts=self.restarts,
-                            random_start=self.random_start,
                             k=k,
-                            criterion=self.criterion,
-                            beta=self.beta,
-                            threat=self.threat,
-                            reduce=self.reduce,
-                            lens_window=self.lens_window,
-                            check_every=self.check_every,
                             generator=gen,
+                            **attack_kwargs,
                         )
                         if res.n_attacked == 0:
                             continue
