@@ -61,8 +61,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    regularizer = instantiate(cfg.regularizer) if _is_set(cfg.get("regularizer")) else None
+    regularizer = instantiate(cfg.regularizer, _convert_="all") if _is_set(cfg.get("regularizer")) else None
     model_config = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    if regularizer is not None:
+        model = regularizer.prepare_model(model)
+        model_config.update(regularizer.model_config_update())
     module = instantiate(cfg.module, model=model, regularizer=regularizer, model_config=model_config, _convert_="all")
 
     loggers = instantiate(cfg.logger) if _is_set(cfg.get("logger")) else []
@@ -99,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "model": cfg.model.get("name"),
         "data": getattr(datamodule, "name", type(datamodule).__name__),
-        "regularizer": cfg.regularizer.get("_target_") if _is_set(cfg.get("regularizer")) else None,
+        "regularizer": regularizer.name if regularizer is not None else None,
         "seed": int(cfg.seed),
         "epochs": int(trainer.current_epoch),
         "global_step": int(trainer.global_step),

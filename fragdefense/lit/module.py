@@ -80,17 +80,19 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         reg = self.regularizer
         x_train = reg.training_input(self.model, x, y) if reg is not None else x
+        if reg is not None and reg.needs_input_grad:
+            x_train = x_train.detach().requires_grad_(True)
         logits = self.model(x_train)
         task = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss = task
         if reg is not None:
-            out = reg.penalty(self.model, x, x_train, y, logits)
-            w = reg.current_weight(self._epoch_float())
-            if out.penalty is not None:
-                loss = task + w * out.penalty
-                self.log(f"train/reg/{reg.name}", out.penalty.detach(), on_step=False, on_epoch=True)
-            self.log("train/reg_weight", w, on_step=False, on_epoch=True)
-            for k, v in out.logs.items():
+            epoch = self._epoch_float()
+            term, logs = reg.loss_terms(self.model, x, x_train, y, logits, epoch)
+            if term is not None:
+                loss = task + term
+                self.log("train/reg_term", term.detach(), on_step=False, on_epoch=True)
+            self.log("train/reg_weight", reg.current_weight(epoch), on_step=False, on_epoch=True)
+            for k, v in logs.items():
                 self.log(f"train/reg/{k}", v, on_step=False, on_epoch=True)
         self.train_acc(logits.detach(), y)
         self.log("train/task_loss", task.detach(), on_step=False, on_epoch=True)

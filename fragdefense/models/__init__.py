@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fragdefense.models.cifar import PreActResNet, ResNetCifar, SmallCNN, WideResNet
-from fragdefense.models.softplus import count_relus, set_softplus_beta, to_softplus
+from fragdefense.models.softplus import count_relus, relu_to_softplus_, set_softplus_beta, to_softplus
 
 __all__ = [
     "ImageClassifier",
@@ -30,6 +30,7 @@ __all__ = [
     "list_models",
     "register_model",
     "to_softplus",
+    "relu_to_softplus_",
     "set_softplus_beta",
     "count_relus",
     "load_checkpoint_model",
@@ -163,6 +164,7 @@ def create_model(
     std: Sequence[float] | None = None,
     weights_path: str | Path | None = None,
     strict: bool = True,
+    softplus_beta: float | None = None,
     **kwargs: Any,
 ) -> ImageClassifier:
     """Build a registered model wrapped in :class:`ImageClassifier` (input in ``[0, 1]``).
@@ -176,6 +178,8 @@ def create_model(
             Lightning checkpoint of one, or a plain backbone state dict (e.g. torchvision's ``.pth``).
             Nothing is ever downloaded.
         strict: passed to ``load_state_dict``.
+        softplus_beta: when set, every ``nn.ReLU`` is replaced by ``softplus(beta * z) / beta`` (a network
+            trained with the ``softplus_beta`` regularizer is rebuilt this way from its checkpoint).
         **kwargs: forwarded to the architecture (e.g. ``width=64`` for ``small_cnn``).
 
     >>> create_model("resnet18_cifar", num_classes=100).num_classes
@@ -203,6 +207,8 @@ def create_model(
         std=tuple(std) if std is not None else dstd,
         name=name,
     )
+    if softplus_beta is not None:
+        relu_to_softplus_(model, softplus_beta)
     if weights_path is not None:
         load_weights(model, weights_path, strict=strict)
     return model

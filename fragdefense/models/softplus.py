@@ -12,7 +12,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["to_softplus", "set_softplus_beta", "count_relus"]
+__all__ = ["to_softplus", "relu_to_softplus_", "set_softplus_beta", "count_relus"]
 
 
 class _Softplus(nn.Softplus):
@@ -61,6 +61,21 @@ def to_softplus(model: nn.Module, beta: float = 1.0) -> nn.Module:
             stacklevel=2,
         )
     return clone
+
+
+def relu_to_softplus_(model: nn.Module, beta: float) -> int:
+    """Replace every ``nn.ReLU`` module of ``model`` *in place* by ``softplus(beta * z) / beta``; returns how
+    many were replaced (for training a softplus network; :func:`to_softplus` makes a sharing copy instead).
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> relu_to_softplus_(net, 10.0), type(net[1]).__name__
+    (1, '_Softplus')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not (float(beta) > 0.0):
+        raise ValueError(f"`beta` must be a number > 0, got {beta!r}")
+    return _replace(model, float(beta))
 
 
 def _replace(module: nn.Module, beta: float) -> int:

@@ -1,10 +1,57 @@
-"""Training-objective regularizers (defenses). The base interface is here; the defenses issue adds the
-methods. A regularizer is an ``nn.Module`` the :class:`~fragdefense.lit.ClassifierModule` calls each step:
+"""Training-objective regularizers (attribution-robustness defenses), one small ``nn.Module`` each.
 
-* :meth:`Regularizer.training_input` may replace the training input (adversarial methods);
-* :meth:`Regularizer.penalty` returns a scalar added to the loss with weight ``weight * warmup(epoch)``.
+The :class:`~fragdefense.lit.ClassifierModule` calls, every training step,
+
+* :meth:`Regularizer.training_input` - may replace the training input (adversarial methods);
+* :meth:`Regularizer.loss_terms` - the penalty, weighted by ``weight * warmup(epoch)``, and values to log;
+
+and :meth:`Regularizer.prepare_model` once before training. :class:`Compose` sums several. Objectives and
+papers are in each class's docstring and in REFERENCE.md section 5.
+
+=================  ====================================  ===========================
+name               class                                 objective
+=================  ====================================  ===========================
+``input_grad``     :class:`InputGradient`                CE + l ||grad_x CE||^2
+``ig_norm``        :class:`IGNorm`                       CE + l ||IG^l(x, x')||_1
+``ig_sum_norm``    :class:`IGSumNorm`                    CE(x') + b ||IG^l(x, x')||_1
+``art``            :class:`ART`                          CE(x_a) + w softplus(d_ap - d_an)
+``ssr``            :class:`SSR`                          CE + w lambda_max(input Hessian)
+``igr``            :class:`IGR`                          base + l (1 - cos(IG(x), IG(x')))
+``pgd_at``         :class:`PGDAdversarialTraining`       CE(PGD(x))
+``trades``         :class:`TRADES`                       CE + b KL(p(x) || p(x'))
+``cure``           :class:`CURE`                         CE + l ||grad(x + hz) - grad(x)||^2
+``softplus_beta``  :class:`SoftplusBeta`                 softplus(beta) activations
+=================  ====================================  ===========================
 """
 
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput
+from fragdefense.regularizers.adversarial import TRADES, PGDAdversarialTraining
+from fragdefense.regularizers.art import ART, SoftplusBeta, alignment_triplet
+from fragdefense.regularizers.base import Compose, Regularizer, RegularizerOutput, eval_mode
+from fragdefense.regularizers.gradient import CURE, InputGradient
+from fragdefense.regularizers.integrated import IGR, IGNorm, IGSumNorm, loss_path_ig
+from fragdefense.regularizers.registry import REGULARIZERS, create_regularizer, list_regularizers
+from fragdefense.regularizers.ssr import SSR, ce_input_hessian_lambda_max, input_jacobian
 
-__all__ = ["Regularizer", "RegularizerOutput"]
+__all__ = [
+    "Regularizer",
+    "RegularizerOutput",
+    "Compose",
+    "eval_mode",
+    "InputGradient",
+    "CURE",
+    "IGNorm",
+    "IGSumNorm",
+    "IGR",
+    "loss_path_ig",
+    "ART",
+    "alignment_triplet",
+    "SoftplusBeta",
+    "SSR",
+    "ce_input_hessian_lambda_max",
+    "input_jacobian",
+    "PGDAdversarialTraining",
+    "TRADES",
+    "REGULARIZERS",
+    "create_regularizer",
+    "list_regularizers",
+]

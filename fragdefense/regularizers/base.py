@@ -1,12 +1,20 @@
-"""Base class of the training regularizers (plain torch, no Lightning)."""
+"""Base class of the training regularizers, and their composition (plain torch, no Lightning)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "RegularizerOutput"]
+__all__ = ["Regularizer", "RegularizerOutput", "Compose", "eval_mode", "per_sample_ce_input_grad", "same_input"]
+
+
+def same_input(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a detached/grad-enabled view of the same storage (the clean input)."""
+    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
 
 
 @dataclass
@@ -17,22 +25,62 @@ class RegularizerOutput:
     logs: dict[str, Tensor] = field(default_factory=dict)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (BatchNorm running statistics, no dropout) and restore its mode afterwards.
+
+    Adversarial examples for training are generated this way (as MadryLab ``robustness`` and TRADES do),
+    so the attack does not update BatchNorm statistics.
+
+    >>> net = nn.BatchNorm1d(2).train()
+    >>> with eval_mode(net):
+    ...     net.training
+    False
+    >>> net.training
+    True
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def per_sample_ce_input_grad(logits: Tensor, x: Tensor, y: Tensor, create_graph: bool = True) -> Tensor:
+    """``d CE(logits_b, y_b) / d x_b`` for every sample (one backward of the summed loss; samples are
+    independent in eval-mode or per-sample networks, and in train-mode BatchNorm the cross-sample terms are
+    part of the true gradient of the batch loss)."""
+    loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+    return g
+
+
 class Regularizer(nn.Module):
     """Base class: ``loss = task_loss(model(training_input(x))) + weight * warmup(epoch) * penalty``.
 
+    Subclasses override any of:
+
+    * :meth:`prepare_model` - change the model once before training (e.g. softplus activations);
+    * :meth:`training_input` - replace the training input (adversarial training);
+    * :meth:`penalty` - an extra term on the clean ``x`` and/or the training input.
+
     Args:
-        weight: multiplier of the penalty term (lambda in the papers).
+        weight: multiplier of the penalty term (lambda in the papers), ``>= 0``.
         warmup_epochs: the weight ramps linearly from 0 to ``weight`` over this many epochs.
     """
 
     name = "base"
+    #: the task forward pass runs on an input that requires grad, so the penalty can differentiate
+    #: ``logits`` w.r.t. ``x_train`` without a second forward pass
+    needs_input_grad = False
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 0.0) -> None:
         super().__init__()
-        if float(weight) < 0:
-            raise ValueError(f"`weight` must be >= 0, got {weight!r}")
-        if float(warmup_epochs) < 0:
-            raise ValueError(f"`warmup_epochs` must be >= 0, got {warmup_epochs!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or float(weight) < 0:
+            raise ValueError(f"`weight` must be a number >= 0, got {weight!r}")
+        if not isinstance(warmup_epochs, (int, float)) or float(warmup_epochs) < 0:
+            raise ValueError(f"`warmup_epochs` must be a number >= 0, got {warmup_epochs!r}")
         self.weight = float(weight)
         self.warmup_epochs = float(warmup_epochs)
 
@@ -46,10 +94,95 @@ class Regularizer(nn.Module):
             return self.weight
         return self.weight * min(1.0, float(epoch) / self.warmup_epochs)
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called once before training; returns the model to train (default: ``model`` itself)."""
+        return model
+
+    def model_config_update(self) -> dict:
+        """Entries merged into the stored ``model_config`` so a checkpoint rebuilds the trained model."""
+        return {}
+
     def training_input(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Input the task loss is computed on (default: ``x`` itself)."""
         return x
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
-        """Penalty on the clean ``x`` / training input ``x_train`` (default: none)."""
+        """Un-weighted penalty on the clean ``x`` / training input ``x_train`` (default: none).
+
+        ``logits = model(x_train)`` from the task forward pass (with its graph).
+        """
         return RegularizerOutput()
+
+    def loss_terms(
+        self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor, epoch: float
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Weighted penalty (``None`` when there is none) and the values to log (the raw terms)."""
+        out = self.penalty(model, x, x_train, y, logits)
+        logs = {k: v.detach() for k, v in out.logs.items()}
+        if out.penalty is None:
+            return None, logs
+        logs.setdefault(self.name, out.penalty.detach())
+        w = self.current_weight(epoch)
+        return w * out.penalty, logs
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight:g}, warmup_epochs={self.warmup_epochs:g}"
+
+
+class Compose(Regularizer):
+    """Several regularizers summed: ``loss = task(training_input) + sum_i w_i(epoch) * penalty_i``.
+
+    At most one member may replace the training input (e.g. ``pgd_at``); every member's penalty sees that
+    input as ``x_train`` - so ``Compose([PGDAdversarialTraining(), IGR()])`` is IGR on Madry's adversarial
+    examples. Model preparation is applied in order.
+
+    >>> from fragdefense.regularizers import InputGradient, PGDAdversarialTraining
+    >>> reg = Compose([PGDAdversarialTraining(steps=1), InputGradient(weight=0.1)])
+    >>> [t.name for t in reg.terms]
+    ['pgd_at', 'input_grad']
+    """
+
+    name = "compose"
+
+    def __init__(self, terms: Sequence[Regularizer]) -> None:
+        super().__init__(weight=1.0)
+        terms = list(terms.values()) if isinstance(terms, dict) else list(terms)
+        if not terms or not all(isinstance(t, Regularizer) for t in terms):
+            raise ValueError("`terms` must be a non-empty list of Regularizer instances")
+        replacing = [t.name for t in terms if type(t).training_input is not Regularizer.training_input]
+        if len(replacing) > 1:
+            raise ValueError(f"`terms`: at most one regularizer may replace the training input, got {replacing}")
+        self.terms = nn.ModuleList(terms)
+        self.needs_input_grad = any(t.needs_input_grad for t in terms)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        for t in self.terms:
+            model = t.prepare_model(model)
+        return model
+
+    def model_config_update(self) -> dict:
+        out: dict = {}
+        for t in self.terms:
+            out.update(t.model_config_update())
+        return out
+
+    def training_input(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        for t in self.terms:
+            if type(t).training_input is not Regularizer.training_input:
+                return t.training_input(model, x, y)
+        return x
+
+    def loss_terms(
+        self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor, epoch: float
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        total: Tensor | None = None
+        logs: dict[str, Tensor] = {}
+        for t in self.terms:
+            term, tl = t.loss_terms(model, x, x_train, y, logits, epoch)
+            logs.update(tl)
+            if term is not None:
+                total = term if total is None else total + term
+        return total, logs
+
+    def extra_repr(self) -> str:
+        return ""
