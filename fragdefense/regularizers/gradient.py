@@ -32,6 +32,7 @@ class InputGradient(Regularizer):
         warmup_epochs: linear warm-up of lambda.
         norm: ``"l2sq"`` (squared L2, the paper) or ``"l1"``.
 
+    >>> import torch
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     >>> x = torch.rand(2, 3, 4, 4, requires_grad=True); y = torch.tensor([0, 1])
     >>> out = InputGradient(weight=1.0).penalty(net, x, x, y, net(x))
@@ -69,6 +70,7 @@ class CURE(Regularizer):
         h: step length (L2, pixel units of ``[0, 1]``). The paper's ``h = 1.5`` is in normalised-input
             units (std ~ 0.25), i.e. about 0.375 here, which is the default.
 
+    >>> import torch
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4, requires_grad=True); y = torch.tensor([0, 1])
     >>> bool(CURE(h=0.1).penalty(net, x, x, y, net(x)).penalty >= 0)
