@@ -35,6 +35,7 @@ from fragdefense.regularizers import (
     create_regularizer,
     list_regularizers,
     loss_path_ig,
+    regularized_loss,
 )
 
 B, C, H, W, K = 3, 2, 4, 4, 3
@@ -64,13 +65,8 @@ def data():
 def step_loss(reg: Regularizer, model: nn.Module, x, y, epoch: float = 10.0, seed: int = 0):
     """What ClassifierModule.training_step computes (seeded so the random starts are repeatable)."""
     torch.manual_seed(seed)
-    x_train = reg.training_input(model, x, y)
-    if reg.needs_input_grad:
-        x_train = x_train.detach().requires_grad_(True)
-    logits = model(x_train)
-    task = F.cross_entropy(logits, y)
-    term, logs = reg.loss_terms(model, x, x_train, y, logits, epoch)
-    return task, term, logs, x_train
+    out = regularized_loss(model, reg, x, y, epoch)
+    return out.task, out.term, out.logs, out.x_train
 
 
 def check_param_fd(fn, model: nn.Module, n_dirs: int = 2, h: float = 1e-6, rtol: float = FD_RTOL) -> None:

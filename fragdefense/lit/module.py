@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fragdefense.regularizers import Regularizer
+from fragdefense.regularizers import Regularizer, regularized_loss
 
 __all__ = ["ClassifierModule", "build_optimizer"]
 
@@ -79,20 +79,14 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         reg = self.regularizer
-        x_train = reg.training_input(self.model, x, y) if reg is not None else x
-        if reg is not None and reg.needs_input_grad:
-            x_train = x_train.detach().requires_grad_(True)
-        logits = self.model(x_train)
-        task = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        loss = task
+        epoch = self._epoch_float() if reg is not None else 0.0
+        out = regularized_loss(self.model, reg, x, y, epoch, self.label_smoothing)
+        logits, task, loss = out.logits, out.task, out.loss
         if reg is not None:
-            epoch = self._epoch_float()
-            term, logs = reg.loss_terms(self.model, x, x_train, y, logits, epoch)
-            if term is not None:
-                loss = task + term
-                self.log("train/reg_term", term.detach(), on_step=False, on_epoch=True)
+            if out.term is not None:
+                self.log("train/reg_term", out.term.detach(), on_step=False, on_epoch=True)
             self.log("train/reg_weight", reg.current_weight(epoch), on_step=False, on_epoch=True)
-            for k, v in logs.items():
+            for k, v in out.logs.items():
                 self.log(f"train/reg/{k}", v, on_step=False, on_epoch=True)
         self.train_acc(logits.detach(), y)
         self.log("train/task_loss", task.detach(), on_step=False, on_epoch=True)

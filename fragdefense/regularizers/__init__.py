@@ -26,7 +26,14 @@ name               class                                 objective
 
 from fragdefense.regularizers.adversarial import TRADES, PGDAdversarialTraining
 from fragdefense.regularizers.art import ART, SoftplusBeta, alignment_triplet
-from fragdefense.regularizers.base import Compose, Regularizer, RegularizerOutput, eval_mode
+from fragdefense.regularizers.base import (
+    Compose,
+    Regularizer,
+    RegularizerOutput,
+    StepLoss,
+    eval_mode,
+    regularized_loss,
+)
 from fragdefense.regularizers.gradient import CURE, InputGradient
 from fragdefense.regularizers.integrated import IGR, IGNorm, IGSumNorm, loss_path_ig
 from fragdefense.regularizers.registry import REGULARIZERS, create_regularizer, list_regularizers
@@ -37,6 +44,8 @@ __all__ = [
     "RegularizerOutput",
     "Compose",
     "eval_mode",
+    "regularized_loss",
+    "StepLoss",
     "InputGradient",
     "CURE",
     "IGNorm",

@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Regularizer", "RegularizerOutput", "Compose", "eval_mode", "per_sample_ce_input_grad", "same_input"]
+__all__ = [
+    "Regularizer",
+    "RegularizerOutput",
+    "Compose",
+    "eval_mode",
+    "per_sample_ce_input_grad",
+    "same_input",
+    "regularized_loss",
+    "StepLoss",
+]
 
 
 def same_input(a: Tensor, b: Tensor) -> bool:
@@ -186,3 +195,43 @@ class Compose(Regularizer):
 
     def extra_repr(self) -> str:
         return ""
+
+
+@dataclass
+class StepLoss:
+    """One training step's loss and its parts (see :func:`regularized_loss`)."""
+
+    loss: Tensor
+    task: Tensor
+    term: Tensor | None
+    logs: dict[str, Tensor]
+    logits: Tensor
+    x_train: Tensor
+
+
+def regularized_loss(
+    model: nn.Module,
+    regularizer: Regularizer | None,
+    x: Tensor,
+    y: Tensor,
+    epoch: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> StepLoss:
+    """The training objective of one step, exactly as :class:`~fragdefense.lit.ClassifierModule` computes it:
+    ``CE(model(x_train), y) + weight(epoch) * penalty`` with ``x_train = regularizer.training_input(x)``.
+
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
+    >>> from fragdefense.regularizers import InputGradient
+    >>> out = regularized_loss(net, InputGradient(weight=0.1), torch.rand(2, 3, 4, 4), torch.tensor([0, 2]))
+    >>> bool(out.loss > out.task), sorted(out.logs)
+    (True, ['input_grad'])
+    """
+    reg = regularizer
+    x_train = reg.training_input(model, x, y) if reg is not None else x
+    if reg is not None and reg.needs_input_grad:
+        x_train = x_train.detach().requires_grad_(True)
+    logits = model(x_train)
+    task = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    term, logs = (None, {}) if reg is None else reg.loss_terms(model, x, x_train, y, logits, epoch)
+    loss = task if term is None else task + term
+    return StepLoss(loss, task, term, logs, logits, x_train)
