@@ -3,6 +3,8 @@
 * :class:`FragilityMonitor` — attacks on interpretations on the datamodule's fixed probe set every N epochs
   and at the end of fit; logs ``fragility/<method>/<attack>/<metric>`` (CSV, W&B), W&B example images and a
   per-image table, and a maps figure in the run directory.
+* :class:`InfluenceMonitor` — influence functions of probe images on a training subset every N epochs: their
+  most influential training images (W&B panels / PNGs) and the influence attack's fragility figures.
 """
 
 from fragdefense.callbacks.fragility import (
@@ -13,12 +15,14 @@ from fragdefense.callbacks.fragility import (
     parse_eps,
     preserve_training_state,
 )
+from fragdefense.callbacks.influence import InfluenceMonitor
 
 __all__ = [
     "MONITOR_ATTACKS",
     "MONITOR_METRICS",
     "FragilityMonitor",
     "FragilityReport",
+    "InfluenceMonitor",
     "parse_eps",
     "preserve_training_state",
 ]
