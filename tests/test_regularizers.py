@@ -416,3 +416,17 @@ def test_softplus_beta_training_round_trips_through_the_checkpoint(tmp_path):
         warnings.simplefilter("error")
         ref = create_model("small_cnn", num_classes=10, width=8, softplus_beta=7.0)
     assert sum(isinstance(m, nn.Softplus) for m in ref.modules()) == len(acts)
+
+
+def test_max_samples_penalises_the_first_images_only(data):
+    x, y = data
+    model = _net()
+    sub = SSR(max_samples=2).penalty(model, x, x, y, model(x)).penalty
+    torch.testing.assert_close(sub, SSR().penalty(model, x[:2], x[:2], y[:2], model(x[:2])).penalty)
+    xa = (x + 0.02).clamp(0, 1)
+    torch.testing.assert_close(
+        IGR(max_samples=2, ig_steps=3).penalty(model, x, xa, y, model(xa)).penalty,
+        IGR(ig_steps=3).penalty(model, x[:2], xa[:2], y[:2], model(xa[:2])).penalty,
+    )
+    with pytest.raises(ValueError, match="`max_samples`"):
+        SSR(max_samples=0)

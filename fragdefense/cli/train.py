@@ -46,6 +46,37 @@ def _scalar(v: Any) -> Any:
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path`` when given; with ``resume=auto`` the run directory's ``checkpoints/last.ckpt`` if present."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    mode = cfg.get("resume", "never")
+    if mode not in ("auto", "never"):
+        raise ValueError(f"`resume` must be 'auto' or 'never', got {mode!r}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if mode == "auto" and last.is_file():
+        log.info("resuming from %s (resume=auto)", last)
+        return str(last)
+    return None
+
+
+def _takes_run_id(node: DictConfig) -> bool:
+    return str(node.get("_target_", "")).endswith("make_loggers")
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """The run directory's W&B id (created once, reused on resume so W&B continues the same run)."""
+    f = run_dir / "wandb_id.txt"
+    if f.is_file():
+        return f.read_text().strip()
+    import secrets
+
+    rid = secrets.token_hex(4)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        atomic_write_text(f, rid + "\n")  # only rank 0 logs to W&B
+    return rid
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) as described by ``cfg``; returns the summary that is also written to
     ``<run_dir>/metrics.json``.
@@ -68,7 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_config.update(regularizer.model_config_update())
     module = instantiate(cfg.module, model=model, regularizer=regularizer, model_config=model_config, _convert_="all")
 
-    loggers = instantiate(cfg.logger) if _is_set(cfg.get("logger")) else []
+    ckpt_path = _resume_checkpoint(cfg, run_dir)
+    logger_kw = {"run_id": _wandb_run_id(run_dir)} if _is_set(cfg.get("logger")) and _takes_run_id(cfg.logger) else {}
+    loggers = instantiate(cfg.logger, **logger_kw) if _is_set(cfg.get("logger")) else []
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if _is_set(c)]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -86,10 +119,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         datamodule.save_probe(run_dir / "probe_indices.json")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     train_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
-    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+    ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = ckpt_cb.best_model_path if ckpt_cb is not None and ckpt_cb.best_model_path else None
     test_metrics: dict[str, Any] = {}
     if cfg.get("test", True):

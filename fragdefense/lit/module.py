@@ -30,6 +30,38 @@ def build_optimizer(params: Any, name: str = "sgd", lr: float = 0.1, **kw: Any) 
     return _OPTIMIZERS[name](params, lr=lr, **kw)
 
 
+def rng_states() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and python RNG states, in types ``torch.load(weights_only=True)``
+    accepts (tensors, lists, tuples of ints)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class ClassifierModule(L.LightningModule):
     """Cross-entropy classification with optional regularizer, per-stage accuracy, and schedulers.
 
@@ -107,6 +139,16 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_acc)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the global RNG states (torch, numpy, python) drive shuffling and augmentation; storing them makes a
+        # run resumed from an end-of-epoch checkpoint continue exactly as the uninterrupted run would
+        checkpoint["fragdefense_rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("fragdefense_rng_states")
+        if states is not None:
+            set_rng_states(states)
 
     def configure_optimizers(self) -> Any:
         cfg = dict(self.optimizer_cfg)

@@ -18,7 +18,17 @@ __all__ = [
     "same_input",
     "regularized_loss",
     "StepLoss",
+    "check_max_samples",
 ]
+
+
+def check_max_samples(max_samples: int | None) -> int | None:
+    """``None`` (the whole batch) or an int ``>= 1``: how many images of a batch an expensive penalty uses."""
+    if max_samples is None:
+        return None
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"`max_samples` must be an int >= 1 or None, got {max_samples!r}")
+    return max_samples
 
 
 def same_input(a: Tensor, b: Tensor) -> bool:

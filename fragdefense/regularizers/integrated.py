@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.attacks.threat import make_threat
 from fragdefense.attributions import integrated_gradients
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput, eval_mode, same_input
+from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_max_samples, eval_mode, same_input
 from fragdefense.utils.checks import check_int_in_range, parse_eps
 
 __all__ = ["loss_path_ig", "IGNorm", "IGSumNorm", "IGR"]
@@ -200,7 +200,8 @@ class IGR(Regularizer):
     training input when another regularizer replaced it (``Compose([PGDAdversarialTraining(), IGR()])``,
     the paper's setting: the base loss is adversarial training) and otherwise an own PGD example on the
     cross-entropy (``attack_steps`` steps; the task loss then stays on the clean ``x``).
-    Cost: ``2 * ig_steps`` double-backprop gradients plus the attack.
+    Cost: ``2 * ig_steps`` double-backprop gradients plus the attack. ``max_samples`` limits the penalty (and
+    its own attack) to the first images of the batch, an unbiased estimate of the batch mean.
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
@@ -221,8 +222,10 @@ class IGR(Regularizer):
         ig_steps: int = 8,
         internal_batch_size: int | None = None,
         attack_mode: str = "eval",
+        max_samples: int | None = None,
     ) -> None:
         super().__init__(weight, warmup_epochs)
+        self.max_samples = check_max_samples(max_samples)
         self.eps = parse_eps(eps)
         self.attack_steps = check_int_in_range(attack_steps, "attack_steps", 0)
         self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
@@ -240,6 +243,8 @@ class IGR(Regularizer):
         return pgd_attack(model, x.detach(), y, **kw)
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
+        n = self.max_samples
+        x, x_train, y = x[:n], x_train[:n], y[:n]
         xa = self._adversary(model, x, y) if same_input(x_train, x) else x_train.detach()
         kw = dict(steps=self.ig_steps, create_graph=True, internal_batch_size=self.internal_batch_size)
         ig_x = integrated_gradients(model, x.detach(), y, **kw).flatten(1)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput
+from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_max_samples
 
 __all__ = ["input_jacobian", "ce_input_hessian_lambda_max", "SSR"]
 
@@ -80,6 +80,8 @@ class SSR(Regularizer):
     Args:
         weight: ``alpha * s / (1 - alpha)``.
         channel_average: SSR's channel-averaged ``W`` (default) or the full Jacobian.
+        max_samples: compute the penalty on the first ``max_samples`` images of the batch only (batches are
+            shuffled, so this is an unbiased estimate of the batch mean at a fraction of the cost); ``None``: all.
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
@@ -89,10 +91,18 @@ class SSR(Regularizer):
 
     name = "ssr"
 
-    def __init__(self, weight: float = 1.0, warmup_epochs: float = 0.0, channel_average: bool = True) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        warmup_epochs: float = 0.0,
+        channel_average: bool = True,
+        max_samples: int | None = None,
+    ) -> None:
         super().__init__(weight, warmup_epochs)
         self.channel_average = bool(channel_average)
+        self.max_samples = check_max_samples(max_samples)
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
-        lam = ce_input_hessian_lambda_max(model, x.detach(), channel_average=self.channel_average, create_graph=True)
+        xs = x.detach()[: self.max_samples]
+        lam = ce_input_hessian_lambda_max(model, xs, channel_average=self.channel_average, create_graph=True)
         return RegularizerOutput(lam.mean())
