@@ -5,6 +5,7 @@
   per-image table, and a maps figure in the run directory.
 * :class:`InfluenceMonitor` — influence functions of probe images on a training subset every N epochs: their
   most influential training images (W&B panels / PNGs) and the influence attack's fragility figures.
+* :class:`HessianMonitor` — parameter-Hessian top eigenvalue and trace, input-Hessian lambda_max on the probe set.
 """
 
 from fragdefense.callbacks.fragility import (
@@ -15,6 +16,7 @@ from fragdefense.callbacks.fragility import (
     parse_eps,
     preserve_training_state,
 )
+from fragdefense.callbacks.hessian import HessianMonitor, hessian_snapshot
 from fragdefense.callbacks.influence import InfluenceMonitor
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "FragilityMonitor",
     "FragilityReport",
     "InfluenceMonitor",
+    "HessianMonitor",
+    "hessian_snapshot",
     "parse_eps",
     "preserve_training_state",
 ]

@@ -1,0 +1,226 @@
+"""Hessian monitoring while training: curvature of the loss (parameters) and of the input (probe images).
+
+:class:`HessianMonitor` evaluates, every ``every_n_epochs`` epochs at the end of the epoch, on the datamodule's
+fixed probe subset of the test split (``trainer.datamodule.probe_batch()``, as
+:class:`~fragdefense.callbacks.FragilityMonitor`):
+
+* ``hessian/param_top_eig`` (and ``hessian/param_eig_<i>`` for ``top_k > 1``): top eigenvalues of the Hessian
+  of the mean cross-entropy w.r.t. the parameters on the first ``n_param_samples`` probe images (Lanczos);
+* ``hessian/param_trace`` and ``hessian/param_trace_stderr``: its trace (Hutch++);
+* ``hessian/input_lambda_max_mean`` / ``_median``: per-image top (largest-magnitude) eigenvalue of the input
+  Hessian of the predicted logit of the softplus(``beta``) surrogate, over the probe images;
+* ``hessian/seconds``.
+
+It runs in eval mode, restores every submodule's train/eval flag and the RNG states
+(:func:`~fragdefense.callbacks.fragility.preserve_training_state`), differentiates with ``torch.autograd.grad``
+only (no ``.grad`` is touched) and never sees the optimizer, so training is unchanged. ``history`` keeps one
+dict per evaluation; with ``history_json`` it is also written to the run directory (plotted by
+``fragdefense-hessian run_dir=...``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fragdefense.callbacks.fragility import preserve_training_state
+from fragdefense.hessian import hutchpp, input_top_eigen, lanczos, param_hessian
+from fragdefense.hessian.probes import surrogate
+
+__all__ = ["HessianMonitor", "hessian_snapshot"]
+
+_PREFIX = "hessian/"
+
+
+def _int(v: Any, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def hessian_snapshot(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    n_param_samples: int = 64,
+    top_k: int = 1,
+    lanczos_iters: int = 30,
+    trace_matvecs: int = 30,
+    n_input: int = 32,
+    input_iters: int = 30,
+    beta: float = 10.0,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Curvature summary of ``model`` on ``(x, y)`` (keys without the ``hessian/`` prefix); ``n_param_samples=0``
+    or ``n_input=0`` skips that part.
+
+    Example:
+        >>> from fragdefense.models import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> net = create_model("small_cnn", num_classes=10, width=4).eval()
+        >>> out = hessian_snapshot(net, torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,)), trace_matvecs=6)
+        >>> sorted(out)
+        ['input_lambda_max_mean', 'input_lambda_max_median', 'param_top_eig', 'param_trace', 'param_trace_stderr']
+    """
+    out: dict[str, float] = {}
+    if n_param_samples:
+        xs, ys = x[:n_param_samples], y[:n_param_samples]
+        op = param_hessian(model, F.cross_entropy, (xs, ys))
+        r = lanczos(op, top_k, max_iter=lanczos_iters, tol=tol, generator=seed, return_vectors=False)
+        out["param_top_eig"] = float(r.eigenvalues[0, 0])
+        for i in range(1, r.eigenvalues.shape[1]):
+            out[f"param_eig_{i + 1}"] = float(r.eigenvalues[0, i])
+        if trace_matvecs:
+            t = hutchpp(op, max(3, trace_matvecs), generator=seed)
+            out["param_trace"] = float(t.estimate[0])
+            out["param_trace_stderr"] = float(t.std_error[0])
+    if n_input:
+        xi = x[:n_input]
+        with torch.no_grad():
+            pred = model(xi).argmax(1)
+        r = input_top_eigen(surrogate(model, beta), xi, pred, max_iter=input_iters, tol=tol, generator=seed)
+        lam = r.eigenvalues[:, 0].abs().double()
+        out["input_lambda_max_mean"] = float(lam.mean())
+        out["input_lambda_max_median"] = float(lam.median())
+    return out
+
+
+class HessianMonitor(L.Callback):
+    """Log Hessian-spectrum summaries every N epochs (see the module docstring).
+
+    Args:
+        every_n_epochs: evaluate after epochs ``e`` (0-based) with ``(e + 1) % every_n_epochs == 0``.
+        n_param_samples: probe images of the parameter-Hessian batch (``0``: skip the parameter Hessian).
+        top_k: parameter-Hessian eigenvalues to log.
+        lanczos_iters, trace_matvecs: budgets of the parameter Lanczos run and of Hutch++ (``0``: no trace).
+        n_input: probe images for the input-Hessian ``lambda_max`` (``0``: skip).
+        input_iters: Lanczos budget per image; beta: softplus surrogate sharpness; tol: Lanczos tolerance.
+        history_json: file name (relative to ``trainer.default_root_dir``) of the per-evaluation history, written
+            at the end of fit by rank 0 (``None``: not written).
+        seed: seed of the random start vectors (the same at every evaluation).
+
+    Example:
+        >>> mon = HessianMonitor(every_n_epochs=2, n_input=16)
+        >>> mon.every_n_epochs, mon.n_input
+        (2, 16)
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        n_param_samples: int = 64,
+        top_k: int = 1,
+        lanczos_iters: int = 30,
+        trace_matvecs: int = 30,
+        n_input: int = 32,
+        input_iters: int = 30,
+        beta: float = 10.0,
+        tol: float = 1e-3,
+        history_json: str | None = "hessian_history.json",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 1)
+        self.n_param_samples = _int(n_param_samples, "n_param_samples", 0)
+        self.top_k = _int(top_k, "top_k", 1)
+        self.lanczos_iters = _int(lanczos_iters, "lanczos_iters", 1)
+        self.trace_matvecs = _int(trace_matvecs, "trace_matvecs", 0)
+        self.n_input = _int(n_input, "n_input", 0)
+        self.input_iters = _int(input_iters, "input_iters", 1)
+        if not float(beta) > 0:
+            raise ValueError(f"`beta` must be a number > 0, got {beta!r}")
+        self.beta = float(beta)
+        self.tol = float(tol)
+        self.history_json = history_json
+        self.seed = _int(seed, "seed", 0)
+        #: one dict per evaluation: {"epoch", "global_step", <metric>: value, "seconds"}
+        self.history: list[dict[str, float]] = []
+        self.json_path: Path | None = None
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _get_probe(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._probe is None:
+            dm = getattr(trainer, "datamodule", None)
+            if dm is None or not hasattr(dm, "probe_batch"):
+                raise RuntimeError(
+                    "HessianMonitor needs a datamodule with probe_batch() (every fragdefense datamodule has one); "
+                    "pass `datamodule=` to fit"
+                )
+            with torch.inference_mode(False):
+                batch = dm.probe_batch()
+                self._probe = (batch["x"].clone(), batch["y"].clone())
+        return self._probe
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """The summary of ``model`` on ``(x, y)`` with this monitor's settings (no prefix)."""
+        t0 = time.perf_counter()
+        out = hessian_snapshot(
+            model,
+            x,
+            y,
+            n_param_samples=self.n_param_samples,
+            top_k=self.top_k,
+            lanczos_iters=self.lanczos_iters,
+            trace_matvecs=self.trace_matvecs,
+            n_input=self.n_input,
+            input_iters=self.input_iters,
+            beta=self.beta,
+            tol=self.tol,
+            seed=self.seed,
+        )
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = int(trainer.current_epoch)
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        x, y = self._get_probe(trainer)
+        if len(y) == 0:
+            return
+        net = pl_module.model if isinstance(getattr(pl_module, "model", None), nn.Module) else pl_module
+        with preserve_training_state(pl_module, pl_module.device), torch.inference_mode(False):
+            net.eval()
+            out = self.evaluate(net, x.to(pl_module.device), y.to(pl_module.device))
+        self.history.append({"epoch": epoch, "global_step": int(trainer.global_step), **out})
+        pl_module.log_dict(
+            {_PREFIX + k: float(v) for k, v in out.items()},
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            reduce_fx="max",
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.history_json or not trainer.is_global_zero or not self.history:
+            return
+        from fragdefense.utils.io import atomic_write_json
+
+        path = Path(self.history_json)
+        if not path.is_absolute():
+            path = Path(trainer.default_root_dir) / path
+        self.json_path = atomic_write_json(
+            path,
+            {
+                "settings": {
+                    "n_param_samples": self.n_param_samples,
+                    "top_k": self.top_k,
+                    "lanczos_iters": self.lanczos_iters,
+                    "trace_matvecs": self.trace_matvecs,
+                    "n_input": self.n_input,
+                    "input_iters": self.input_iters,
+                    "beta": self.beta,
+                    "tol": self.tol,
+                    "seed": self.seed,
+                },
+                "history": self.history,
+            },
+        )

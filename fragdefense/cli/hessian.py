@@ -1,0 +1,595 @@
+"""``fragdefense-hessian``: Hessian spectrum of a trained model and probes of the geometric explanation of
+fragility (REFERENCE.md section 6); writes ``results.json``, ``results.md`` and PNG figures.
+
+For the main model (``checkpoint=`` or ``model_name=`` + ``weights_path=``):
+
+* parameter Hessian of the mean cross-entropy on ``param.n_samples`` test images: top eigenvalues (Lanczos),
+  trace (Hutch++), spectral density (SLQ) -> ``density.png``;
+* map change along the top input-Hessian eigenvectors versus random directions of the same L2 norm, for the
+  softplus(``beta``) surrogate -> ``map_change.png``;
+* top input-Hessian eigenvalue versus softplus beta -> ``eigen_vs_beta.png``;
+* per-image ``lambda_max`` versus the top-k intersection left by the top-k attack on the saliency map, and
+  their Spearman correlation -> ``lambda_vs_fragility.png``.
+
+With ``run_dir=`` (a ``fragdefense-train`` run: every ``checkpoints/*.ckpt``) or ``checkpoints=[...]`` (several
+models, e.g. epochs or defenses) the curvature summary (and, with ``compare.fragility``, the attack) is run for
+each -> ``eigen_over_checkpoints.png`` and the Spearman correlation across models.
+
+``hessian(cfg)`` is a plain function; ``main`` is the Hydra shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fragdefense.cli._config import config_dir
+from fragdefense.hessian import (
+    eigenvalues_vs_beta,
+    fragility_vs_curvature,
+    hutchpp,
+    input_top_eigen,
+    lanczos,
+    map_change_along_directions,
+    param_hessian,
+    slq,
+)
+from fragdefense.hessian.probes import DirectionProbe, spearman_1d, surrogate
+from fragdefense.models import create_model, load_checkpoint_model
+from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.io import atomic_write_json, atomic_write_text
+
+__all__ = ["hessian", "main"]
+
+log = logging.getLogger("fragdefense.hessian")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _select_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    idx = sorted(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist())
+    items = [dataset[i] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx
+
+
+def _checkpoint_list(cfg: DictConfig) -> list[dict[str, Any]]:
+    """``[{"name", "path", "epoch", "global_step"}]`` from ``run_dir`` and ``checkpoints``, sorted by epoch
+    (duplicates of the same weights, e.g. ``last.ckpt`` = ``best-epoch07.ckpt``, are kept once)."""
+    paths: list[Path] = []
+    if cfg.get("run_dir"):
+        d = Path(cfg.run_dir)
+        found = sorted((d / "checkpoints").glob("*.ckpt")) if (d / "checkpoints").is_dir() else sorted(d.glob("*.ckpt"))
+        if not found:
+            raise FileNotFoundError(f"`run_dir` {d} has no checkpoints/*.ckpt")
+        paths += found
+    paths += [Path(p) for p in (cfg.get("checkpoints") or [])]
+    out, seen = [], set()
+    for p in paths:
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+        key = (ck.get("epoch"), ck.get("global_step"))
+        if cfg.get("run_dir") and key in seen:
+            continue
+        seen.add(key)
+        out.append({"name": p.stem, "path": str(p), "epoch": ck.get("epoch"), "global_step": ck.get("global_step")})
+    if cfg.get("run_dir"):
+        out.sort(key=lambda r: (r["epoch"] if r["epoch"] is not None else -1, r["global_step"] or 0))
+    return out
+
+
+def _main_model(cfg: DictConfig, datamodule: Any, ckpts: list[dict[str, Any]]) -> tuple[torch.nn.Module, str]:
+    if cfg.get("checkpoint"):
+        return load_checkpoint_model(cfg.checkpoint), str(cfg.checkpoint)
+    if cfg.get("model_name"):
+        model = create_model(
+            cfg.model_name,
+            num_classes=datamodule.num_classes,
+            mean=datamodule.mean,
+            std=datamodule.std,
+            weights_path=cfg.get("weights_path"),
+            **(cfg.get("model_kwargs") or {}),
+        )
+        return model.eval(), str(cfg.get("weights_path") or cfg.model_name)
+    if ckpts:
+        return load_checkpoint_model(ckpts[-1]["path"]), ckpts[-1]["path"]
+    raise ValueError(
+        "give `checkpoint=<.ckpt>`, `model_name=<name> weights_path=<file>`, `run_dir=<train run>` or "
+        "`checkpoints=[...]`"
+    )
+
+
+def _param_spectrum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, pc: DictConfig, seed: int) -> dict:
+    t0 = time.perf_counter()
+    op = param_hessian(model, F.cross_entropy, (x, y))
+    eig = lanczos(
+        op, int(pc.top_k), max_iter=int(pc.lanczos_iters), tol=float(pc.tol), generator=seed, return_vectors=False
+    )
+    tr = hutchpp(op, int(pc.trace_matvecs), generator=seed)
+    sd = slq(op, int(pc.density_iters), int(pc.density_runs), generator=seed + 1)
+    return {
+        "n_params": op.dim,
+        "n_samples": int(x.shape[0]),
+        "top_eigenvalues": eig.eigenvalues[0].tolist(),
+        "residuals": eig.residuals[0].tolist() if eig.residuals is not None else None,
+        "lanczos_iters": eig.n_iter,
+        "converged": bool(eig.converged.all()),
+        "trace": float(tr.estimate[0]),
+        "trace_stderr": float(tr.std_error[0]),
+        "trace_matvecs": tr.n_matvecs,
+        "slq_trace": float(sd.trace()[0]),
+        "density": {"nodes": sd.nodes[0].tolist(), "weights": sd.weights[0].tolist()},
+        "seconds": time.perf_counter() - t0,
+        "_sd": sd,
+    }
+
+
+def _directions(
+    model: torch.nn.Module, x: torch.Tensor, dc: DictConfig, beta: float, bs: int, seed: int
+) -> DirectionProbe:
+    parts = []
+    for i, xb in enumerate(x.split(bs)):
+        parts.append(
+            map_change_along_directions(
+                model,
+                xb,
+                beta=beta,
+                radii=[float(r) for r in dc.radii],
+                k_eig=int(dc.k_eig),
+                n_random=int(dc.n_random),
+                topk=int(dc.topk),
+                max_iter=int(dc.max_iter),
+                tol=float(dc.tol),
+                generator=seed + i,
+            )
+        )
+    p0 = parts[0]
+    return DirectionProbe(
+        radii=p0.radii,
+        kinds=p0.kinds,
+        eigenvalues=torch.cat([p.eigenvalues for p in parts]),
+        grad_norm=torch.cat([p.grad_norm for p in parts]),
+        metrics={k: torch.cat([p.metrics[k] for p in parts]) for k in p0.metrics},
+        beta=beta,
+        k=p0.k,
+        extra={"lanczos_iters": max(p.extra["lanczos_iters"] for p in parts)},
+    )
+
+
+def _beta_sweep(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, bs: int, seed: int) -> dict:
+    n = cfg.beta_sweep.get("n_images")
+    if n:
+        x, y = x[: int(n)], y[: int(n)]
+    out = {}
+    for objective in cfg.beta_sweep.objectives:
+        parts = [
+            eigenvalues_vs_beta(
+                model,
+                xb,
+                [float(b) for b in cfg.beta_sweep.betas],
+                objective=objective,
+                y=yb,
+                max_iter=int(cfg.beta_sweep.max_iter),
+                tol=float(cfg.beta_sweep.tol),
+                generator=seed,
+            )
+            for xb, yb in zip(x.split(bs), y.split(bs))
+        ]
+        v = torch.cat([torch.tensor(p["eigenvalues"], dtype=torch.float64) for p in parts], 1)  # (n_beta, N)
+        betas = parts[0]["betas"]
+        med = v.abs().median(1).values
+        lb, lm = torch.log(torch.tensor(betas, dtype=torch.float64)), torch.log(med.clamp_min(1e-300))
+        slope = (
+            float(((lb - lb.mean()) * (lm - lm.mean())).sum() / ((lb - lb.mean()) ** 2).sum())
+            if len(betas) > 1
+            else math.nan
+        )
+        out[objective] = {
+            "betas": betas,
+            "which": parts[0]["which"],
+            "abs_median": med.tolist(),
+            "abs_mean": v.abs().mean(1).tolist(),
+            "abs_q25": v.abs().quantile(0.25, dim=1).tolist(),
+            "abs_q75": v.abs().quantile(0.75, dim=1).tolist(),
+            "loglog_slope": slope,
+            "eigenvalues": v.tolist(),
+        }
+    return out
+
+
+def _fragility(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, bs: int, seed: int) -> dict:
+    fc = cfg.fragility
+    attack = {
+        "eps": parse_eps(fc.eps),
+        "steps": int(fc.steps),
+        "step_size": parse_eps(fc.step_size),
+        "k": int(fc.k),
+        "check_every": int(fc.check_every),
+        "beta": float(fc.attack_beta) if fc.get("attack_beta") else float(cfg.beta),
+    }
+    parts = [
+        fragility_vs_curvature(
+            model,
+            xb,
+            yb,
+            beta=float(cfg.beta),
+            objective=str(fc.objective),
+            attack=attack,
+            max_iter=int(fc.max_iter),
+            tol=float(fc.tol),
+            generator=seed,
+        )
+        for xb, yb in zip(x.split(bs), y.split(bs))
+    ]
+    out: dict[str, Any] = {"beta": float(cfg.beta), "objective": str(fc.objective), "protocol": parts[0]["protocol"]}
+    offs = 0
+    idx: list[int] = []
+    for p, xb in zip(parts, x.split(bs)):
+        idx += [offs + i for i in p["image_index"]]
+        offs += xb.shape[0]
+    out["image_position"] = idx
+    for key in ("lambda_max", "grad_norm", "topk_intersection", "map_spearman"):
+        out[key] = [v for p in parts for v in p[key]]
+    lam = torch.tensor(out["lambda_max"], dtype=torch.float64).abs()
+    inter = torch.tensor(out["topk_intersection"], dtype=torch.float64)
+    gn = torch.tensor(out["grad_norm"], dtype=torch.float64)
+    sp = torch.tensor(out["map_spearman"], dtype=torch.float64)
+    out["n_attacked"] = sum(p["n_attacked"] for p in parts)
+    out["n_skipped"] = sum(p["n_skipped"] for p in parts)
+    out["label_kept_rate"] = float(
+        sum(p["label_kept_rate"] * p["n_attacked"] for p in parts if p["n_attacked"]) / max(1, out["n_attacked"])
+    )
+    out["mean_abs_lambda_max"] = float(lam.mean()) if lam.numel() else math.nan
+    out["mean_topk_intersection"] = float(inter.mean()) if inter.numel() else math.nan
+    out["spearman_abs_lambda_vs_topk"] = spearman_1d(lam, inter)
+    out["spearman_rel_lambda_vs_topk"] = spearman_1d(lam / gn.clamp_min(1e-30), inter)
+    out["spearman_abs_lambda_vs_map_spearman"] = spearman_1d(lam, sp)
+    return out
+
+
+def _checkpoint_summary(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, bs: int, seed: int
+) -> dict[str, Any]:
+    pc = cfg.param
+    n = int(pc.n_samples)
+    op = param_hessian(model, F.cross_entropy, (x[:n], y[:n]))
+    eig = lanczos(op, 1, max_iter=int(pc.lanczos_iters), tol=float(pc.tol), generator=seed, return_vectors=False)
+    tr = hutchpp(op, int(pc.trace_matvecs), generator=seed)
+    with torch.no_grad():
+        acc = float(torch.cat([model(xb).argmax(1) for xb in x.split(bs)]).eq(y).float().mean())
+    out: dict[str, Any] = {
+        "param_top_eig": float(eig.eigenvalues[0, 0]),
+        "param_trace": float(tr.estimate[0]),
+        "accuracy": acc,
+    }
+    soft = surrogate(model, float(cfg.beta))
+    lams = []
+    for xb in x.split(bs):
+        with torch.no_grad():
+            pred = model(xb).argmax(1)
+        r = input_top_eigen(
+            soft, xb, pred, max_iter=int(cfg.directions.max_iter), tol=float(cfg.directions.tol), generator=seed
+        )
+        lams.append(r.eigenvalues[:, 0].abs().double())
+    lam = torch.cat(lams)
+    out["input_lambda_max_mean"] = float(lam.mean())
+    out["input_lambda_max_median"] = float(lam.median())
+    if cfg.compare.fragility:
+        fr = _fragility(model, x, y, cfg, bs, seed)
+        out["mean_topk_intersection"] = fr["mean_topk_intersection"]
+        out["spearman_abs_lambda_vs_topk"] = fr["spearman_abs_lambda_vs_topk"]
+    return out
+
+
+def hessian(cfg: DictConfig) -> dict[str, Any]:
+    """Run the analysis described by ``cfg`` (see ``configs/hessian.yaml``); returns the ``results.json`` payload."""
+    t0 = time.perf_counter()
+    try:
+        out_dir = Path(cfg.out_dir)
+    except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
+        out_dir = Path("runs/hessian") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = out_dir.absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    device = _device(str(cfg.device))
+    bs = int(cfg.batch_size)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    ckpts = _checkpoint_list(cfg)
+    model, model_source = _main_model(cfg, datamodule, ckpts)
+    model = model.to(device).eval()
+    x, y, img_idx = _select_images(datamodule.test_set, int(cfg.n_images), seed)
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        pred = torch.cat([model(xb).argmax(1) for xb in x.split(bs)])
+    acc = float(pred.eq(y).float().mean())
+    beta = float(cfg.beta)
+    timings: dict[str, float] = {}
+    payload: dict[str, Any] = {
+        "model": model_source,
+        "model_name": getattr(model, "name", None),
+        "data": getattr(datamodule, "name", type(datamodule).__name__),
+        "n_images": int(x.shape[0]),
+        "image_indices": img_idx,
+        "clean_accuracy": acc,
+        "beta": beta,
+        "device": str(device),
+        "seed": seed,
+    }
+    from tqdm.auto import tqdm
+
+    stages = [s for s in ("param", "directions", "beta_sweep", "fragility") if cfg[s].enabled]
+    sd = None
+    with tqdm(total=len(stages), desc="fragdefense-hessian", unit="stage", dynamic_ncols=True) as bar:
+        if cfg.param.enabled:
+            bar.set_description("parameter Hessian")
+            t = time.perf_counter()
+            n = int(cfg.param.n_samples)
+            ps = _param_spectrum(model, x[:n], y[:n], cfg.param, seed)
+            sd = ps.pop("_sd")
+            payload["param"] = ps
+            timings["param"] = time.perf_counter() - t
+            bar.update(1)
+        if cfg.directions.enabled:
+            bar.set_description("map change by direction")
+            t = time.perf_counter()
+            probe = _directions(model, x, cfg.directions, beta, bs, seed)
+            payload["directions"] = probe.summary()
+            payload["directions"]["kinds"] = probe.kinds
+            payload["directions"]["per_image_lambda"] = probe.eigenvalues[:, 0].tolist()
+            timings["directions"] = time.perf_counter() - t
+            bar.update(1)
+        if cfg.beta_sweep.enabled:
+            bar.set_description("eigenvalues vs beta")
+            t = time.perf_counter()
+            payload["beta_sweep"] = _beta_sweep(model, x, y, cfg, bs, seed)
+            timings["beta_sweep"] = time.perf_counter() - t
+            bar.update(1)
+        if cfg.fragility.enabled:
+            bar.set_description("lambda_max vs fragility")
+            t = time.perf_counter()
+            payload["fragility"] = _fragility(model, x, y, cfg, bs, seed)
+            timings["fragility"] = time.perf_counter() - t
+            bar.update(1)
+
+    if ckpts:
+        t = time.perf_counter()
+        rows = []
+        hist_path = Path(cfg.run_dir) / "hessian_history.json" if cfg.get("run_dir") else None
+        for ck in tqdm(ckpts, desc="checkpoints", dynamic_ncols=True):
+            m = load_checkpoint_model(ck["path"]).to(device).eval()
+            rows.append({**ck, **_checkpoint_summary(m, x, y, cfg, bs, seed)})
+        cmp: dict[str, Any] = {"checkpoints": rows}
+        if len(rows) >= 3 and cfg.compare.fragility:
+            cmp["spearman_lambda_vs_topk_across_models"] = spearman_1d(
+                torch.tensor([r["input_lambda_max_mean"] for r in rows]),
+                torch.tensor([r["mean_topk_intersection"] for r in rows]),
+            )
+        if hist_path is not None and hist_path.is_file():
+            import json
+
+            cmp["monitor_history"] = json.loads(hist_path.read_text())["history"]
+        payload["checkpoints"] = cmp
+        timings["checkpoints"] = time.perf_counter() - t
+
+    payload["timings"] = timings
+    payload["seconds"] = time.perf_counter() - t0
+    payload["config"] = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_json(out_dir / "results.json", payload)
+    atomic_write_text(out_dir / "results.md", results_markdown(payload))
+    figures: list[str] = []
+    if cfg.get("figures", True):
+        figures = _plots(payload, sd, out_dir)
+    payload["figures"] = figures
+    atomic_write_json(out_dir / "results.json", payload)
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(results_markdown(payload)))
+    Console().print(f"results: {out_dir / 'results.json'}")
+    return payload
+
+
+def results_markdown(p: dict[str, Any]) -> str:
+    """Markdown summary of a ``results.json`` payload."""
+
+    def f(v: Any, nd: int = 3) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}g}"
+
+    lines = [
+        f"Model `{p['model']}`, {p['n_images']} test images (clean accuracy {100 * p['clean_accuracy']:.1f}%), "
+        f"softplus beta {p['beta']:g}.",
+        "",
+    ]
+    if "param" in p:
+        q = p["param"]
+        lines += [
+            f"**Parameter Hessian** ({q['n_params']} parameters, {q['n_samples']} images): top eigenvalues "
+            + ", ".join(f(v, 5) for v in q["top_eigenvalues"])
+            + f"; trace {f(q['trace'], 5)} ± {f(q['trace_stderr'], 2)} (Hutch++, {q['trace_matvecs']} products), "
+            f"SLQ trace {f(q['slq_trace'], 5)}.",
+            "",
+        ]
+    if "directions" in p:
+        d = p["directions"]
+        lines += [
+            f"**Map change along the top input-Hessian eigenvector vs random directions** (same L2 norm; "
+            f"median |lambda_max| {f(d['abs_lambda_max_median'])}):",
+            "",
+            "| radius (L2) | grad change eig / random | ratio | map L1 change eig / random | ratio | "
+            "top-k ∩ eig / random | logit change eig / random |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in d["per_radius"]:
+            lines.append(
+                f"| {r['radius']:g} | {f(r['grad_change_eigen'])} / {f(r['grad_change_random'])} | "
+                f"{f(r['grad_change_ratio'])} | {f(r['map_change_eigen'])} / {f(r['map_change_random'])} | "
+                f"{f(r['map_change_ratio'])} | "
+                f"{f(r['topk_intersection_eigen'])} / {f(r['topk_intersection_random'])} | "
+                f"{f(r['logit_change_eigen'])} / {f(r['logit_change_random'])} |"
+            )
+        lines.append("")
+    if "beta_sweep" in p:
+        lines += ["**Top input-Hessian eigenvalue vs softplus beta** (median |lambda| over images):", ""]
+        for obj, s in p["beta_sweep"].items():
+            lines.append(
+                f"* {obj} ({s['which']}): "
+                + ", ".join(f"beta {b:g}: {f(v)}" for b, v in zip(s["betas"], s["abs_median"]))
+                + f"; log-log slope {f(s['loglog_slope'])}"
+            )
+        lines.append("")
+    if "fragility" in p:
+        q = p["fragility"]
+        lines += [
+            f"**lambda_max vs fragility** ({q['n_attacked']} attacked images, top-k attack on saliency, eps "
+            f"{q['protocol']['eps'] * 255:.3g}/255, k={q['protocol']['k']}): mean top-k intersection "
+            f"{f(q['mean_topk_intersection'])}; "
+            f"Spearman(|lambda_max|, top-k ∩) = {f(q['spearman_abs_lambda_vs_topk'])}, "
+            f"Spearman(|lambda_max|/||g||, top-k ∩) = {f(q['spearman_rel_lambda_vs_topk'])}.",
+            "",
+        ]
+    if "checkpoints" in p:
+        lines += [
+            "| checkpoint | epoch | acc | param top eig | param trace | input lambda_max (mean) | top-k ∩ |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in p["checkpoints"]["checkpoints"]:
+            lines.append(
+                f"| {r['name']} | {r['epoch']} | {f(r['accuracy'])} | {f(r['param_top_eig'], 4)} | "
+                f"{f(r['param_trace'], 4)} | {f(r['input_lambda_max_mean'], 4)} | "
+                f"{f(r.get('mean_topk_intersection'))} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[str] = []
+    if sd is not None:
+        grid, dens = sd.grid(2000)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ax.semilogy(grid.numpy(), dens[0].clamp_min(1e-12).numpy())
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density (SLQ, Gaussian-smoothed)")
+        ax.set_title(f"Parameter Hessian spectrum ({p['param']['n_params']} params)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "density.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "density.png"))
+    if "directions" in p:
+        rows = p["directions"]["per_radius"]
+        r = [row["radius"] for row in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        for ax, name, label in zip(
+            axes,
+            ("grad_change", "topk_intersection", "logit_change"),
+            ("relative gradient change", f"top-{p['directions']['k']} intersection of maps", "|logit change|"),
+        ):
+            ax.plot(r, [row[f"{name}_eigen"] for row in rows], "o-", label="top Hessian eigenvector")
+            ax.plot(r, [row[f"{name}_random"] for row in rows], "s--", label="random direction")
+            ax.set_xscale("log")
+            ax.set_xlabel("perturbation L2 norm")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"Saliency change by direction (softplus beta={p['beta']:g}, {p['n_images']} images)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "map_change.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "map_change.png"))
+    if "beta_sweep" in p:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for obj, s in p["beta_sweep"].items():
+            ax.plot(s["betas"], s["abs_median"], "o-", label=f"{obj} (slope {s['loglog_slope']:.2f})")
+            ax.fill_between(s["betas"], s["abs_q25"], s["abs_q75"], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("softplus beta")
+        ax.set_ylabel("|top input-Hessian eigenvalue| (median, IQR)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "eigen_vs_beta.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "eigen_vs_beta.png"))
+    if "fragility" in p and p["fragility"]["lambda_max"]:
+        q = p["fragility"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ax.scatter([abs(v) for v in q["lambda_max"]], q["topk_intersection"], s=12, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel("|lambda_max| of the input Hessian (softplus surrogate)")
+        ax.set_ylabel("top-k intersection after attack")
+        ax.set_title(f"Spearman {q['spearman_abs_lambda_vs_topk']:.2f} ({q['n_attacked']} images)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "lambda_vs_fragility.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "lambda_vs_fragility.png"))
+    if "checkpoints" in p and len(p["checkpoints"]["checkpoints"]) > 1:
+        rows = p["checkpoints"]["checkpoints"]
+        use_epoch = all(r["epoch"] is not None for r in rows) and len({r["epoch"] for r in rows}) == len(rows)
+        xs = [r["epoch"] for r in rows] if use_epoch else list(range(len(rows)))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, key, label in zip(
+            axes,
+            ("param_top_eig", "param_trace", "input_lambda_max_mean"),
+            ("parameter top eigenvalue", "parameter trace", "input lambda_max (mean)"),
+        ):
+            ax.plot(xs, [r[key] for r in rows], "o-")
+            ax.set_title(label)
+            ax.set_xlabel("epoch" if use_epoch else "checkpoint")
+            if not use_epoch:
+                ax.set_xticks(xs, [r["name"] for r in rows], rotation=30, fontsize=7)
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "eigen_over_checkpoints.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "eigen_over_checkpoints.png"))
+    hist = p.get("checkpoints", {}).get("monitor_history") or []
+    if len(hist) > 1:  # written by HessianMonitor during training (every evaluated epoch)
+        keys = [k for k in ("param_top_eig", "param_trace", "input_lambda_max_mean") if k in hist[0]]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.3 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            ax.plot([h["epoch"] for h in hist], [h[key] for h in hist], "o-")
+            ax.set_title(f"HessianMonitor: {key}")
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "monitor_history.png", dpi=120)
+        plt.close(fig)
+        paths.append(str(out_dir / "monitor_history.png"))
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="hessian")
+def _hydra_main(cfg: DictConfig) -> None:
+    hessian(cfg)
+
+
+def main() -> None:
+    """Console script ``fragdefense-hessian``."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
