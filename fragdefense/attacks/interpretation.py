@@ -17,7 +17,10 @@ attack              D (ascended; ``I`` = normalised map of the softplus surrogat
 
 Gradients go through :func:`fragdefense.models.to_softplus` (a ReLU network's map is piecewise constant
 in ``x``, so its gradient is zero almost everywhere); ``beta`` is fixed or grows geometrically over the
-iterations. Every ``check_every`` steps (and at the last step) the iterate is checked on the *original*
+iterations. A method without a differentiable path (or too costly to unroll) can be attacked through a
+``surrogate`` method's map (e.g. ``local_smooth`` via ``saliency``): the ascent direction then comes from the
+surrogate's map, while the label check, the iterate selection and every metric use ``method``.
+Every ``check_every`` steps (and at the last step) the iterate is checked on the *original*
 network: its predicted label and its map. Among the checked iterates that keep the label, the one with
 the best ``criterion`` is returned; if none keeps the label the clean image is returned
 (``perturbed=False``). Images misclassified at the start (when labels ``y`` are given) are skipped and
@@ -222,6 +225,8 @@ def attack_interpretation(
     attack: str = "topk",
     method: str = "saliency",
     method_opts: dict[str, Any] | None = None,
+    surrogate: str | None = None,
+    surrogate_opts: dict[str, Any] | None = None,
     eps: float = 8 / 255,
     step_size: float | None = None,
     steps: int = 50,
@@ -250,7 +255,10 @@ def attack_interpretation(
         attack: one of ``topk``, ``mass_center``, ``targeted``, ``manipulate``, ``random_walk``, ``random_sign``.
         method: attribution method name (:func:`fragdefense.attributions.list_attributions`) and
             ``method_opts`` its options (e.g. ``{"steps": 100}`` for IG). Gradient attacks need a method that
-            supports ``create_graph``.
+            supports ``create_graph``, or a ``surrogate``.
+        surrogate: optional attribution method whose map (on the softplus copy, ``create_graph=True``)
+            gives the ascent direction instead of ``method``'s (a transfer / surrogate-gradient attack);
+            ``surrogate_opts`` its options. ``None`` (default): ``method`` itself. Recorded in the protocol.
         eps: budget in pixel units of ``[0, 1]`` images (L-inf or L2 per ``threat``).
         step_size: alpha (default ``eps / 8``); ``steps``: iterations P; ``restarts``: independent runs.
         random_start: start each run at a uniform random point of the eps-ball.
@@ -299,10 +307,15 @@ def attack_interpretation(
     if thr.eps != eps:
         raise ValueError(f"`threat` has eps={thr.eps} but `eps`={eps}")
     gradient_attack = attack not in ("random_walk", "random_sign")
-    if gradient_attack and not supports_create_graph(method):
+    if surrogate is not None:
+        get_attribution(surrogate)
+    grad_method = method if surrogate is None else surrogate
+    grad_opts = opts if surrogate is None else dict(surrogate_opts or {})
+    if gradient_attack and not supports_create_graph(grad_method):
         raise ValueError(
-            f"attack {attack!r} back-propagates through the map, but `method`={method!r} does not support "
-            "create_graph; use random_walk / random_sign, or a differentiable method"
+            f"attack {attack!r} back-propagates through the map, but "
+            f"`{'method' if surrogate is None else 'surrogate'}`={grad_method!r} does not support "
+            "create_graph; use random_walk / random_sign, a differentiable method, or a differentiable `surrogate`"
         )
     if y is not None:
         if not isinstance(y, Tensor) or y.shape != (b,):
@@ -326,6 +339,7 @@ def attack_interpretation(
         "attack": attack,
         "method": method,
         "method_opts": opts,
+        **({"surrogate": surrogate, "surrogate_opts": grad_opts} if surrogate is not None else {}),
         "eps": eps,
         "step_size": alpha,
         "steps": steps,
@@ -397,7 +411,7 @@ def attack_interpretation(
         best_x = x0.clone()
         best_score = torch.full((n,), -math.inf, device=x.device, dtype=torch.float64)
         best_iter = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        surrogate = to_softplus(model, betas[0]).eval() if gradient_attack else None
+        soft = to_softplus(model, betas[0]).eval() if gradient_attack else None
 
         def consider(xc: Tensor, it: int) -> None:
             m, pred = relu_maps(xc, c)
@@ -426,10 +440,10 @@ def attack_interpretation(
                 xi = thr.random_start(x0, generator) if random_start else x0.clone()
                 for p in range(steps):
                     if gradient_attack:
-                        set_softplus_beta(surrogate, betas[p])
+                        set_softplus_beta(soft, betas[p])
                         xg = xi.detach().requires_grad_(True)
-                        m = to_map(attribute(method, surrogate, xg, c, create_graph=True, **opts), reduce)
-                        logits = surrogate(xg) if attack == "manipulate" else None
+                        m = to_map(attribute(grad_method, soft, xg, c, create_graph=True, **grad_opts), reduce)
+                        logits = soft(xg) if attack == "manipulate" else None
                         (g,) = torch.autograd.grad(dissimilarity(m, logits).sum(), xg)
                     else:
                         g = thr.random_direction(x0, generator)

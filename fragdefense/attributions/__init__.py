@@ -21,6 +21,15 @@ method                   create_graph   definition
 ``lrp``                  no (captum)    LRP-epsilon
 =======================  =============  ==========================================================
 
+Explanation-side defenses (:mod:`fragdefense.attributions.robust`, listed by
+:func:`list_robust_attributions`, resolved by the same :func:`get_attribution` / :func:`attribute`):
+
+=======================  =============  ==========================================================
+``beta_smooth``          yes (exact)    gradient of the softplus(beta) copy (Dombrowski et al.)
+``uniform_grad``         yes            mean gradient over uniform noise in an L-inf / L2 ball
+``local_smooth``         yes (unrolled) mask learned over noisy copies with an L1 penalty (seed 004)
+=======================  =============  ==========================================================
+
 :func:`to_map` reduces channels (default ``sum_c |a_c|``) and normalises each map to sum 1.
 
 >>> import torch
@@ -39,22 +48,37 @@ from fragdefense.attributions.maps import REDUCTIONS, to_map
 from fragdefense.attributions.propagation import deeplift, lrp
 from fragdefense.attributions.registry import (
     ATTRIBUTIONS,
+    ROBUST_ATTRIBUTIONS,
     AttributionFn,
     attribute,
     get_attribution,
     list_attributions,
+    list_robust_attributions,
     supports_create_graph,
+)
+from fragdefense.attributions.robust import (
+    BALLS,
+    ROBUST_CREATE_GRAPH_METHODS,
+    beta_smooth,
+    local_smooth,
+    local_smooth_objective,
+    uniform_ball_noise,
+    uniform_grad,
 )
 from fragdefense.attributions.smoothgrad import SMOOTHGRAD_VARIANTS, smoothgrad
 
 __all__ = [
     "ATTRIBUTIONS",
     "AttributionFn",
+    "BALLS",
     "CREATE_GRAPH_METHODS",
     "IG_METHODS",
     "REDUCTIONS",
+    "ROBUST_ATTRIBUTIONS",
+    "ROBUST_CREATE_GRAPH_METHODS",
     "SMOOTHGRAD_VARIANTS",
     "attribute",
+    "beta_smooth",
     "deeplift",
     "find_last_conv",
     "get_attribution",
@@ -63,9 +87,14 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "list_attributions",
+    "list_robust_attributions",
+    "local_smooth",
+    "local_smooth_objective",
     "lrp",
     "saliency",
     "smoothgrad",
     "supports_create_graph",
     "to_map",
+    "uniform_ball_noise",
+    "uniform_grad",
 ]

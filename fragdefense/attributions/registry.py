@@ -11,10 +11,13 @@ from fragdefense.attributions.gradcam import gradcam
 from fragdefense.attributions.gradient import input_x_gradient, saliency
 from fragdefense.attributions.integrated_gradients import integrated_gradients
 from fragdefense.attributions.propagation import deeplift, lrp
+from fragdefense.attributions.robust import ROBUST_CREATE_GRAPH_METHODS, beta_smooth, local_smooth, uniform_grad
 from fragdefense.attributions.smoothgrad import smoothgrad
 
 __all__ = [
     "ATTRIBUTIONS",
+    "ROBUST_ATTRIBUTIONS",
+    "list_robust_attributions",
     "AttributionFn",
     "get_attribution",
     "list_attributions",
@@ -48,6 +51,18 @@ ATTRIBUTIONS: dict[str, AttributionFn] = {
     "gradcam": gradcam,
 }
 
+#: explanation-side defenses (:mod:`fragdefense.attributions.robust`), same call shape; resolved by
+#: :func:`get_attribution` / :func:`attribute` like the methods of :data:`ATTRIBUTIONS`, listed separately
+#: by :func:`list_robust_attributions`.
+ROBUST_ATTRIBUTIONS: dict[str, AttributionFn] = {
+    "beta_smooth": beta_smooth,
+    "local_smooth": local_smooth,
+    "uniform_grad": uniform_grad,
+}
+
+_ALL: dict[str, AttributionFn] = {**ATTRIBUTIONS, **ROBUST_ATTRIBUTIONS}
+_ALL_CREATE_GRAPH: tuple[str, ...] = (*CREATE_GRAPH_METHODS, *ROBUST_CREATE_GRAPH_METHODS)
+
 
 def list_attributions() -> list[str]:
     """Registered method names (sorted).
@@ -58,27 +73,40 @@ def list_attributions() -> list[str]:
     return sorted(ATTRIBUTIONS)
 
 
+def list_robust_attributions() -> list[str]:
+    """Registered explanation-side defenses (sorted); they are resolved by the same :func:`get_attribution`.
+
+    >>> list_robust_attributions()
+    ['beta_smooth', 'local_smooth', 'uniform_grad']
+    """
+    return sorted(ROBUST_ATTRIBUTIONS)
+
+
 def get_attribution(name: str) -> AttributionFn:
     """The function registered under ``name``; unknown names raise ``ValueError`` listing the names.
 
     >>> get_attribution("saliency").__name__
     'saliency'
     """
-    if not isinstance(name, str) or name not in ATTRIBUTIONS:
-        raise ValueError(f"unknown attribution method `name`={name!r}; registered: {', '.join(list_attributions())}")
-    return ATTRIBUTIONS[name]
+    if not isinstance(name, str) or name not in _ALL:
+        raise ValueError(
+            f"unknown attribution method `name`={name!r}; registered: {', '.join(list_attributions())}; "
+            f"explanation defenses: {', '.join(list_robust_attributions())}"
+        )
+    return _ALL[name]
 
 
 def supports_create_graph(name: str) -> bool:
     """Whether method ``name`` returns a differentiable map with ``create_graph=True``
     (``saliency``, ``input_x_gradient``, ``integrated_gradients``, ``smoothgrad``, ``gradcam``: yes;
-    ``deeplift``, ``lrp``: no, captum engine).
+    ``deeplift``, ``lrp``: no, captum engine; ``beta_smooth``, ``uniform_grad``: yes; ``local_smooth``: yes,
+    unrolled through its optimisation steps).
 
     >>> supports_create_graph("integrated_gradients"), supports_create_graph("deeplift")
     (True, False)
     """
     get_attribution(name)
-    return name in CREATE_GRAPH_METHODS
+    return name in _ALL_CREATE_GRAPH
 
 
 def attribute(
@@ -103,9 +131,9 @@ def attribute(
         torch.Size([2, 3, 4, 4])
     """
     fn = get_attribution(name)
-    if create_graph and name not in CREATE_GRAPH_METHODS:
+    if create_graph and name not in _ALL_CREATE_GRAPH:
         raise ValueError(
             f"`create_graph=True` is not supported by {name!r}; methods supporting create_graph: "
-            f"{', '.join(CREATE_GRAPH_METHODS)}"
+            f"{', '.join(_ALL_CREATE_GRAPH)}"
         )
     return fn(model, x, target, create_graph=create_graph, **opts)
