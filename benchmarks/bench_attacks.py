@@ -51,8 +51,17 @@ def main() -> None:
     t_floor = timeit(lambda: [floor_step() for _ in range(n_floor)]) / n_floor
 
     def attack(steps: int, check_every: int, xb: torch.Tensor = x) -> None:
-        attack_interpretation(model, xb, attack="topk", eps=8 / 255, step_size=1 / 255, steps=steps, k=100,
-                              beta=10.0, check_every=check_every)
+        attack_interpretation(
+            model,
+            xb,
+            attack="topk",
+            eps=8 / 255,
+            step_size=1 / 255,
+            steps=steps,
+            k=100,
+            beta=10.0,
+            check_every=check_every,
+        )
 
     rows = []
     for ce in (1, 5):
@@ -67,8 +76,10 @@ def main() -> None:
     t_loop16 = timeit(lambda: [attack(steps, 1, x[i : i + 1]) for i in range(n_loop)], repeat=1)
     t_loop = t_loop16 * 64 / n_loop
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; small_cnn width 32, 64 images 3x32x32, "
-          "saliency, top-k attack, k=100")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; small_cnn width 32, 64 images 3x32x32, "
+        "saliency, top-k attack, k=100"
+    )
     print(f"floor: forward + double-backward of the batch = {1000 * t_floor:.1f} ms")
     print(f"{'setting':40s} {'ms / iteration':>15s} {'x floor':>8s}  goal <= 1.3x")
     for ce, per_it, ratio in rows:

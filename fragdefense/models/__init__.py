@@ -219,7 +219,13 @@ def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`weights_path` does not exist or is not a file: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument name and the expected form
+        raise ValueError(
+            f"`weights_path` {path} is not a torch weights file ({type(e).__name__}: {e}); expected a state dict "
+            "(.pth) or a Lightning checkpoint (.ckpt)"
+        ) from e
     if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
         state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
     if not isinstance(state, dict):
@@ -244,7 +250,13 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"`checkpoint` does not exist or is not a file: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument name and the expected form
+        raise ValueError(
+            f"`checkpoint` {path} is not a torch checkpoint file ({type(e).__name__}: {e}); "
+            "expected a .ckpt written by fragdefense-train"
+        ) from e
     cfg = (ckpt.get("hyper_parameters") or {}).get("model_config") if isinstance(ckpt, dict) else None
     if not cfg or "name" not in cfg:
         raise ValueError(
