@@ -75,3 +75,116 @@ def test_sigkill_and_relaunch_resumes_to_identical_weights(tmp_path):
     assert res_m["wandb"]["id"] == (run_dir / "wandb_id.txt").read_text().strip()
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(res_m["wandb"]["id"]) for r in runs)
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def _eval_cfg(tmp_path: Path, weights: Path, seed: int, out: str):
+    from fragdefense.cli._config import compose_config
+
+    return compose_config(
+        "eval",
+        [
+            f"out_dir={tmp_path / out}",
+            "model_name=small_cnn",
+            f"weights_path={weights}",
+            "+model_kwargs.width=8",
+            f"seed={seed}",
+            "n_images=8",
+            "batch_size=8",
+            "attacks=[random_sign,topk]",
+            "eps=[8/255]",
+            "methods={saliency:{}}",
+            "protocol.steps=3",
+            "protocol.k=40",
+            "protocol.random_start=true",
+            "data.n_train=32",
+            "data.n_test=64",
+            "figures=false",
+        ],
+    )
+
+
+def test_eval_same_seed_identical_different_seed_differs(tmp_path):
+    from fragdefense.cli.evaluate import evaluate
+    from fragdefense.models import create_model
+
+    torch.manual_seed(0)
+    w = tmp_path / "w.pt"
+    torch.save(create_model("small_cnn", num_classes=10, width=8).state_dict(), w)
+    # the labels are the model's own predictions only through the data; use all images the model gets right
+    a = evaluate(_eval_cfg(tmp_path, w, 0, "a"))
+    b = evaluate(_eval_cfg(tmp_path, w, 0, "b"))
+    c = evaluate(_eval_cfg(tmp_path, w, 1, "c"))
+
+    def strip(p):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in p["records"]]
+
+    assert strip(a) == strip(b) and a["per_image"] == b["per_image"]
+    assert a["image_indices"] != c["image_indices"]
+
+
+# ---------------------------------------------------------------- offline operation
+
+
+def test_offline_wandb_auto_mode_and_download_fail_fast(tmp_path, monkeypatch):
+    from fragdefense.data import CIFAR10DataModule
+    from fragdefense.lit import make_loggers
+    from fragdefense.lit.loggers import resolve_wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    t0 = time.perf_counter()
+    assert resolve_wandb_mode("auto") == "offline"  # no key (and, on this machine, no network)
+    loggers = make_loggers(tmp_path, wandb={"project": "t", "mode": "auto"})
+    run = loggers[-1].experiment
+    assert run.offline
+    run.log({"x": 1.0})
+    run.finish()
+    assert time.perf_counter() - t0 < 10.0, "W&B offline start-up must not hang"
+
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
+        CIFAR10DataModule(root=str(tmp_path / "cifar"), download=True).setup("fit")
+    assert time.perf_counter() - t0 < 10.0, "an offline download must fail, not hang"
+
+
+# ---------------------------------------------------------------- soak
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux) to read the RSS")
+def test_twenty_attack_evaluations_do_not_grow_memory():
+    import gc
+
+    from fragdefense.attacks import attack_interpretation
+    from fragdefense.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, width=16).eval()
+    x = torch.rand(16, 3, 32, 32)
+    y = model(x).argmax(1)
+
+    def one() -> None:
+        res = attack_interpretation(
+            model, x, y, attack="topk", method="integrated_gradients", method_opts={"steps": 4}, steps=3, k=50
+        )
+        res.summary()
+
+    for _ in range(3):  # warm-up: allocator pools, lazy imports
+        one()
+    gc.collect()
+    before = _rss_mb()
+    for _ in range(20):
+        one()
+    gc.collect()
+    after = _rss_mb()
+    assert after < 1.05 * before, f"RSS grew from {before:.0f} MB to {after:.0f} MB over 20 evaluations"

@@ -138,6 +138,12 @@ def test_same_seed_same_result(tmp_path):
         for i in range(2)
     ]
     assert out[0]["test"] == out[1]["test"]
+    other = train(
+        compose_config(
+            "train", [*TINY, f"run_dir={tmp_path / 'seed1'}", "logger=none", "trainer.max_epochs=1", "seed=1"]
+        )
+    )
+    assert other["test"]["test/loss"] != out[0]["test"]["test/loss"]  # a different seed gives a different run
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
