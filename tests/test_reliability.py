@@ -16,12 +16,12 @@ import pytest
 import torch
 
 TINY = [
-    "data.n_train=320",
+    "data.n_train=640",
     "data.n_test=64",
     "data.batch_size=32",
     "data.probe_size=8",
     "model.width=8",
-    "trainer.max_epochs=3",
+    "trainer.max_epochs=6",
     "trainer.enable_progress_bar=false",
     "~callbacks.fragility",
     "~callbacks.progress_bar",
@@ -50,13 +50,13 @@ def test_sigkill_and_relaunch_resumes_to_identical_weights(tmp_path):
     deadline = time.time() + 240
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # somewhere inside the second epoch
+    time.sleep(0.05)  # somewhere inside the second epoch
     assert proc.poll() is None, "the run finished before it could be killed; make the tiny run longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "metrics.json").exists()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)  # the checkpoint on disk is whole
-    assert killed_at["epoch"] < 2
+    assert killed_at["epoch"] < 5
     print("killed after checkpoint of epoch", killed_at["epoch"], "step", killed_at["global_step"])
 
     out = subprocess.run(_cmd(run_dir), env=_env(), capture_output=True, text=True, timeout=300)
