@@ -25,3 +25,15 @@ def cifar10_jpeg_root() -> str:
     if not os.path.isdir(os.path.join(root, "train")):
         pytest.skip(f"real-data test: FRAGDEFENSE_CIFAR10_JPEG={root!r} has no train/ folder")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_flag():
+    """Lightning's ``Trainer(deterministic=True)`` switches ``torch.use_deterministic_algorithms`` on for the whole
+    process and never switches it back; keep one test's trainer from changing another test's kernels."""
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

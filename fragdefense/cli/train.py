@@ -77,6 +77,20 @@ def _wandb_run_id(run_dir: Path) -> str:
     return rid
 
 
+def _start_wandb(lg: Any, attempts: int = 8, wait_s: float = 1.5) -> None:
+    """Start the W&B run. After a crash (SIGKILL) the killed process's W&B service can hold the run id for a few
+    seconds ("run ID ... is in use"); resuming under the same id then succeeds once it has exited."""
+    for i in range(attempts):
+        try:
+            lg.experiment  # noqa: B018 - creates the run
+            return
+        except Exception as e:  # noqa: BLE001 - wandb raises its own error types
+            if "in use" not in str(e) or i == attempts - 1:
+                raise
+            log.info("W&B run id still held by the previous (killed) process; retrying in %.1f s", wait_s)
+            time.sleep(wait_s)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) as described by ``cfg``; returns the summary that is also written to
     ``<run_dir>/metrics.json``.
@@ -113,6 +127,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for lg in loggers:
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+            _start_wandb(lg)
         lg.log_hyperparams(resolved)
 
     datamodule.setup("fit")
