@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from fragdefense.utils.io import atomic_savefig
+
 __all__ = ["plot_metrics_vs_eps", "plot_examples"]
 
 _LABELS = {
@@ -52,7 +54,7 @@ def plot_metrics_vs_eps(
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -83,6 +85,6 @@ def plot_examples(ex: dict[str, torch.Tensor], path: str | Path, title: str = ""
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -26,7 +26,7 @@ from fragdefense.attacks import attack_interpretation
 from fragdefense.cli._config import config_dir
 from fragdefense.models import create_model, load_checkpoint_model
 from fragdefense.utils.checks import parse_eps
-from fragdefense.utils.io import atomic_write_json, atomic_write_text
+from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 __all__ = ["evaluate", "compare", "main", "parse_eps", "METRICS", "explainer_specs"]
 
@@ -719,7 +719,7 @@ def plot_robustness_vs_cost(records: list[dict[str, Any]], path: str | Path) -> 
     axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path
 

@@ -46,7 +46,7 @@ from fragdefense.hessian import (
 from fragdefense.hessian.probes import DirectionProbe, spearman_1d, surrogate
 from fragdefense.models import create_model, load_checkpoint_model
 from fragdefense.utils.checks import parse_eps
-from fragdefense.utils.io import atomic_write_json, atomic_write_text
+from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 __all__ = ["hessian", "main"]
 
@@ -493,7 +493,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
         ax.set_title(f"Parameter Hessian spectrum ({p['param']['n_params']} params)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "density.png", dpi=120)
+        atomic_savefig(fig, out_dir / "density.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "density.png"))
     if "directions" in p:
@@ -514,7 +514,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"Saliency change by direction (softplus beta={p['beta']:g}, {p['n_images']} images)")
         fig.tight_layout()
-        fig.savefig(out_dir / "map_change.png", dpi=120)
+        atomic_savefig(fig, out_dir / "map_change.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "map_change.png"))
     if "beta_sweep" in p:
@@ -529,7 +529,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "eigen_vs_beta.png", dpi=120)
+        atomic_savefig(fig, out_dir / "eigen_vs_beta.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "eigen_vs_beta.png"))
     if "fragility" in p and p["fragility"]["lambda_max"]:
@@ -542,7 +542,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
         ax.set_title(f"Spearman {q['spearman_abs_lambda_vs_topk']:.2f} ({q['n_attacked']} images)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "lambda_vs_fragility.png", dpi=120)
+        atomic_savefig(fig, out_dir / "lambda_vs_fragility.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "lambda_vs_fragility.png"))
     if "checkpoints" in p and len(p["checkpoints"]["checkpoints"]) > 1:
@@ -562,7 +562,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
                 ax.set_xticks(xs, [r["name"] for r in rows], rotation=30, fontsize=7)
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "eigen_over_checkpoints.png", dpi=120)
+        atomic_savefig(fig, out_dir / "eigen_over_checkpoints.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "eigen_over_checkpoints.png"))
     hist = p.get("checkpoints", {}).get("monitor_history") or []
@@ -575,7 +575,7 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / "monitor_history.png", dpi=120)
+        atomic_savefig(fig, out_dir / "monitor_history.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "monitor_history.png"))
     return paths

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fragdefense.utils.io import atomic_savefig
+
 __all__ = ["influence_strip", "plot_top_influential"]
 
 
@@ -96,6 +98,6 @@ def plot_top_influential(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
