@@ -6,8 +6,8 @@
 # IFIA-style attack (random start, softplus beta 50, best iterate by Kendall), on saliency and IG.
 #
 #   FRAGDEFENSE_CIFAR10_JPEG=/path/to/cifar10-jpeg NATURAL_CKPT=runs/cifar10_small_cnn_e8/checkpoints/best-epoch07.ckpt \
-#   OUT=runs/defense bash scripts/defense_table.sh natural input_grad pgd_at ssr igr art
-#   python scripts/defense_table.py runs/defense --out docs/defense_table_cifar10.md
+#   OUT=runs/defense N_IMAGES=32 bash scripts/defense_table.sh natural input_grad input_grad_w0.02 pgd_at pgd_at_eps2 ssr igr
+#   python scripts/defense_table.py runs/defense --out docs/results/defense_cifar10/table.md
 set -euo pipefail
 : "${FRAGDEFENSE_CIFAR10_JPEG:?set FRAGDEFENSE_CIFAR10_JPEG to the extracted cifar10-jpeg directory}"
 : "${NATURAL_CKPT:?set NATURAL_CKPT to a trained small_cnn checkpoint}"
@@ -17,6 +17,9 @@ declare -A REG=(
   [natural]="regularizer=none"
   [input_grad]="regularizer=input_grad regularizer.weight=0.05"
   [pgd_at]="regularizer=pgd_at"
+  [pgd_at_eps2]="regularizer=pgd_at regularizer.eps=2/255 regularizer.step_size=0.5/255"
+  [pgd_at_eps1.5]="regularizer=pgd_at regularizer.eps=1.5/255 regularizer.step_size=0.375/255"
+  [input_grad_w0.02]="regularizer=input_grad regularizer.weight=0.02"
   [ssr]="regularizer=ssr regularizer.weight=0.1 regularizer.max_samples=32"
   [igr]="regularizer=igr regularizer.weight=2.0 regularizer.ig_steps=4 regularizer.max_samples=16"
   [art]="regularizer=art"
