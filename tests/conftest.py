@@ -27,13 +27,16 @@ def cifar10_jpeg_root() -> str:
     return root
 
 
+_DETERMINISTIC_AT_START = (
+    torch.are_deterministic_algorithms_enabled(),
+    torch.is_deterministic_algorithms_warn_only_enabled(),
+)
+
+
 @pytest.fixture(autouse=True)
 def _restore_deterministic_flag():
     """Lightning's ``Trainer(deterministic=True)`` switches ``torch.use_deterministic_algorithms`` on for the whole
-    process and never switches it back; keep one test's trainer from changing another test's kernels."""
-    enabled, warn_only = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
+    process and never switches it back (also from module-scoped fixtures); every test starts from the process's
+    initial setting so one test's trainer does not change another test's kernels."""
+    torch.use_deterministic_algorithms(_DETERMINISTIC_AT_START[0], warn_only=_DETERMINISTIC_AT_START[1])
     yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

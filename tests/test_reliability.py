@@ -45,14 +45,17 @@ def test_sigkill_and_relaunch_resumes_to_identical_weights(tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(_cmd(ref_dir), env=_env(), check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(_cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a crashed job dies with its whole process tree (as under a scheduler or the OOM killer): W&B's service too
+    proc = subprocess.Popen(
+        _cmd(run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.05)  # somewhere inside the second epoch
     assert proc.poll() is None, "the run finished before it could be killed; make the tiny run longer"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "metrics.json").exists()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)  # the checkpoint on disk is whole
