@@ -234,7 +234,7 @@ def test_leave_one_out_retraining_correlates_with_predicted_influence():
     yt = np.array([0, 1, 1])
     xta = np.hstack([xt, np.ones((3, 1))])
 
-    def test_loss(theta):
+    def loss_at_test_points(theta):
         z = xta @ theta
         return np.logaddexp(0, z) - yt * z
 
@@ -244,13 +244,13 @@ def test_leave_one_out_retraining_correlates_with_predicted_influence():
         p = 1 / (1 + np.exp(-z))
         return (weights @ lo) / n + 0.5 * lam * theta @ theta, xa.T @ (weights * (p - y)) / n + lam * theta
 
-    base = test_loss(theta0)
+    base = loss_at_test_points(theta0)
     actual = np.zeros((3, n))
     for j in range(n):  # retrain without z_j (the -1/N up-weighting of Koh & Liang), from the optimum
         wts = np.ones(n)
         wts[j] = 0.0
         res = scipy.optimize.minimize(objective, theta0, args=(wts,), jac=True, method="BFGS", options={"gtol": 1e-12})
-        actual[:, j] = test_loss(res.x) - base
+        actual[:, j] = loss_at_test_points(res.x) - base
     predicted = -LastLayerInfluence(w, b, l2=lam).fit(X, Y).influence(torch.from_numpy(xt), torch.from_numpy(yt)) / n
     for t in range(3):
         rho = scipy.stats.spearmanr(actual[t], predicted[t].numpy()).statistic

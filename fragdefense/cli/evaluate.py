@@ -23,8 +23,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.attacks import attack_interpretation
+from fragdefense.cli._common import load_model as _load_model
+from fragdefense.cli._common import resolve_device as _device
+from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
-from fragdefense.models import create_model, load_checkpoint_model
 from fragdefense.utils.checks import parse_eps
 from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
@@ -32,34 +34,6 @@ __all__ = ["evaluate", "compare", "main", "parse_eps", "METRICS", "explainer_spe
 
 log = logging.getLogger("fragdefense.eval")
 METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _load_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    if cfg.get("checkpoint"):
-        return load_checkpoint_model(cfg.checkpoint)
-    if cfg.get("model_name"):
-        return create_model(
-            cfg.model_name,
-            num_classes=datamodule.num_classes,
-            mean=datamodule.mean,
-            std=datamodule.std,
-            weights_path=cfg.get("weights_path"),
-            **(cfg.get("model_kwargs") or {}),
-        ).eval()
-    raise ValueError("give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`")
-
-
-def _select_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    idx = sorted(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist())
-    items = [dataset[i] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fragdefense.cli._common import resolve_device as _device
+from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
 from fragdefense.hessian import (
     eigenvalues_vs_beta,
@@ -51,19 +53,6 @@ from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write
 __all__ = ["hessian", "main"]
 
 log = logging.getLogger("fragdefense.hessian")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _select_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    idx = sorted(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist())
-    items = [dataset[i] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx
 
 
 def _checkpoint_list(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fragdefense.cli._common import load_model as _load_model
+from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._config import config_dir
 from fragdefense.influence import (
     LastLayerInfluence,
@@ -31,7 +33,6 @@ from fragdefense.influence import (
     find_head,
     fit_linear_head,
 )
-from fragdefense.models import create_model, load_checkpoint_model
 from fragdefense.utils.checks import parse_eps
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
@@ -39,27 +40,6 @@ __all__ = ["influence", "main", "dataset_labels"]
 
 log = logging.getLogger("fragdefense.influence")
 HEAD_MODES = ("retrain", "model")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _load_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
-    if cfg.get("checkpoint"):
-        return load_checkpoint_model(cfg.checkpoint)
-    if cfg.get("model_name"):
-        return create_model(
-            cfg.model_name,
-            num_classes=datamodule.num_classes,
-            mean=datamodule.mean,
-            std=datamodule.std,
-            weights_path=cfg.get("weights_path"),
-            **(cfg.get("model_kwargs") or {}),
-        ).eval()
-    raise ValueError("give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`")
 
 
 def dataset_labels(ds: Any) -> torch.Tensor:

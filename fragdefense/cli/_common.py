@@ -1,0 +1,44 @@
+"""Pieces the commands share: device choice, the model from a config, a seeded image subset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from fragdefense.models import create_model, load_checkpoint_model
+
+__all__ = ["resolve_device", "load_model", "select_images"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or any ``torch.device`` string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
+    """The model a command's config names: ``checkpoint=`` (a fragdefense-train checkpoint) or ``model_name=`` +
+    ``weights_path=`` (+ ``model_kwargs``), normalised with the data module's statistics; in eval mode."""
+    if cfg.get("checkpoint"):
+        return load_checkpoint_model(cfg.checkpoint)
+    if cfg.get("model_name"):
+        return create_model(
+            cfg.model_name,
+            num_classes=datamodule.num_classes,
+            mean=datamodule.mean,
+            std=datamodule.std,
+            weights_path=cfg.get("weights_path"),
+            **(cfg.get("model_kwargs") or {}),
+        ).eval()
+    raise ValueError("give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`")
+
+
+def select_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``min(n, len(dataset))`` images drawn with ``seed`` (sorted indices): ``(x, y, indices)``."""
+    g = torch.Generator().manual_seed(seed)
+    idx = sorted(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist())
+    items = [dataset[i] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx
