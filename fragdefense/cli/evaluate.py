@@ -36,6 +36,48 @@ log = logging.getLogger("fragdefense.eval")
 METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
 
 
+def _attack_cell(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    img_idx: list[int],
+    batch_size: int,
+    n_figure_images: int,
+    progress: Any,
+    **attack_kw: Any,
+) -> tuple[dict[str, Any], dict[str, float | None], list[dict[str, Any]], dict[str, torch.Tensor] | None]:
+    """One cell of the grid (method x attack x eps): attack every batch with ``attack_kw``; returns the counts
+    (``n_images``, ``n_skipped``, ``label_kept_rate``), the metric means over attacked images, the per-image rows
+    (with dataset indices) and the first batch's figure examples."""
+    sums: dict[str, float] = {}
+    n_att = n_skip = n_kept = 0
+    rows: list[dict[str, Any]] = []
+    example = None
+    for bi, (xb, yb) in enumerate(batches):
+        res = attack_interpretation(model, xb.to(device), yb.to(device), **attack_kw)
+        n_att += res.n_attacked
+        n_skip += res.n_skipped
+        n_kept += int(res.label_kept.sum())
+        for name in res.metrics:
+            sums[name] = sums.get(name, 0.0) + float(res.metrics[name].double().sum())
+        for r in res.records():
+            r["image"] = img_idx[bi * batch_size + r.pop("index")]
+            rows.append(r)
+        if bi == 0 and res.n_attacked:
+            n_fig = min(n_figure_images, res.n_attacked)
+            sel = res.index[:n_fig]
+            example = {
+                "x": xb[sel.cpu()].cpu(),
+                "x_adv": res.x_adv[sel].cpu(),
+                "clean_map": res.clean_map[:n_fig].cpu(),
+                "adv_map": res.adv_map[:n_fig].cpu(),
+            }
+        progress.update(1)
+    counts = {"n_images": n_att, "n_skipped": n_skip, "label_kept_rate": (n_kept / n_att) if n_att else None}
+    means = {k: (v / n_att if n_att else None) for k, v in sums.items()}
+    return counts, means, rows, example
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid described by ``cfg`` (see ``configs/eval.yaml``); returns the ``results.json`` payload.
     ``cfg.mode == "compare"`` runs :func:`compare` instead (``configs/eval_compare.yaml``)."""
@@ -85,53 +127,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for method, attack, eps in grid:
             progress.set_description(f"{method} / {attack} / eps={eps * 255:.3g}/255")
             t_cell = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_att = n_skip = n_kept = 0
-            rows: list[dict[str, Any]] = []
-            for bi, (xb, yb) in enumerate(batches):
-                res = attack_interpretation(
-                    model,
-                    xb.to(device),
-                    yb.to(device),
-                    attack=attack,
-                    method=method,
-                    method_opts=methods[method] or {},
-                    eps=eps,
-                    generator=gen,
-                    **proto,
-                )
-                n_att += res.n_attacked
-                n_skip += res.n_skipped
-                n_kept += int(res.label_kept.sum())
-                for name in res.metrics:
-                    sums[name] = sums.get(name, 0.0) + float(res.metrics[name].double().sum())
-                offset = bi * int(cfg.batch_size)
-                for r in res.records():
-                    r["image"] = img_idx[offset + r.pop("index")]
-                    rows.append(r)
-                if bi == 0 and res.n_attacked:
-                    n_fig = min(int(cfg.n_figure_images), res.n_attacked)
-                    sel = res.index[:n_fig]
-                    examples[(method, attack, eps)] = {
-                        "x": xb[sel.cpu()].cpu(),
-                        "x_adv": res.x_adv[sel].cpu(),
-                        "clean_map": res.clean_map[:n_fig].cpu(),
-                        "adv_map": res.adv_map[:n_fig].cpu(),
-                    }
-                progress.update(1)
+            counts, means, rows, example = _attack_cell(
+                model,
+                batches,
+                device,
+                img_idx,
+                int(cfg.batch_size),
+                int(cfg.n_figure_images),
+                progress,
+                attack=attack,
+                method=method,
+                method_opts=methods[method] or {},
+                eps=eps,
+                generator=gen,
+                **proto,
+            )
+            if example is not None:
+                examples[(method, attack, eps)] = example
             rec: dict[str, Any] = {
                 "method": method,
                 "method_opts": methods[method] or {},
                 "attack": attack,
                 "epsilon": eps,
                 "epsilon_255": eps * 255,
-                "n_images": n_att,
-                "n_skipped": n_skip,
-                "label_kept_rate": (n_kept / n_att) if n_att else None,
+                **counts,
                 "protocol": {**proto, "eps": eps},
                 "seconds": time.perf_counter() - t_cell,
             }
-            rec.update({k: (v / n_att if n_att else None) for k, v in sums.items()})
+            rec.update(means)
             records.append(rec)
             per_image.append({"method": method, "attack": attack, "epsilon": eps, "images": rows})
 
@@ -442,41 +465,25 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             spec = specs[label]
             bar.set_description(f"{label} / {attack} / eps={eps * 255:.3g}/255")
             t_cell = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_att = n_skip = n_kept = 0
-            rows: list[dict[str, Any]] = []
-            for bi, (xb, yb) in enumerate(batches):
-                res = attack_interpretation(
-                    model,
-                    xb.to(device),
-                    yb.to(device),
-                    attack=attack,
-                    method=spec["method"],
-                    method_opts=spec["opts"],
-                    surrogate=spec["surrogate"],
-                    surrogate_opts=spec["surrogate_opts"],
-                    eps=eps,
-                    generator=gen,
-                    **proto,
-                )
-                n_att += res.n_attacked
-                n_skip += res.n_skipped
-                n_kept += int(res.label_kept.sum())
-                for name in res.metrics:
-                    sums[name] = sums.get(name, 0.0) + float(res.metrics[name].double().sum())
-                for r in res.records():
-                    r["image"] = img_idx[bi * bs + r.pop("index")]
-                    rows.append(r)
-                if bi == 0 and res.n_attacked:
-                    n_fig = min(int(cfg.n_figure_images), res.n_attacked)
-                    sel = res.index[:n_fig]
-                    examples[(label, attack, eps)] = {
-                        "x": xb[sel.cpu()].cpu(),
-                        "x_adv": res.x_adv[sel].cpu(),
-                        "clean_map": res.clean_map[:n_fig].cpu(),
-                        "adv_map": res.adv_map[:n_fig].cpu(),
-                    }
-                bar.update(1)
+            counts, means, rows, example = _attack_cell(
+                model,
+                batches,
+                device,
+                img_idx,
+                bs,
+                int(cfg.n_figure_images),
+                bar,
+                attack=attack,
+                method=spec["method"],
+                method_opts=spec["opts"],
+                surrogate=spec["surrogate"],
+                surrogate_opts=spec["surrogate_opts"],
+                eps=eps,
+                generator=gen,
+                **proto,
+            )
+            if example is not None:
+                examples[(label, attack, eps)] = example
             rec: dict[str, Any] = {
                 "method": label,
                 "attribution": spec["method"],
@@ -489,9 +496,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                 "attack": attack,
                 "epsilon": eps,
                 "epsilon_255": eps * 255,
-                "n_images": n_att,
-                "n_skipped": n_skip,
-                "label_kept_rate": (n_kept / n_att) if n_att else None,
+                **counts,
                 "seconds_per_image": timing.get(label),
                 "cpu_seconds_per_image": cpu_timing.get(label),
                 "protocol": {
@@ -505,7 +510,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                 },
                 "seconds": time.perf_counter() - t_cell,
             }
-            rec.update({k: (v / n_att if n_att else None) for k, v in sums.items()})
+            rec.update(means)
             records.append(rec)
             per_image.append({"method": label, "attack": attack, "epsilon": eps, "images": rows})
 
