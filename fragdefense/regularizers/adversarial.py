@@ -10,16 +10,10 @@ from torch import Tensor, nn
 
 from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.attacks.threat import make_threat
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput, eval_mode, same_input
+from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, eval_mode, same_input
 from fragdefense.utils.checks import check_int_in_range, parse_eps
 
 __all__ = ["PGDAdversarialTraining", "TRADES"]
-
-
-def _check_attack_mode(mode: str) -> str:
-    if mode not in ("eval", "train"):
-        raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {mode!r}")
-    return mode
 
 
 class PGDAdversarialTraining(Regularizer):
@@ -65,7 +59,7 @@ class PGDAdversarialTraining(Regularizer):
         make_threat(threat, self.eps)
         self.threat = threat
         self.random_start = bool(random_start)
-        self.attack_mode = _check_attack_mode(attack_mode)
+        self.attack_mode = check_attack_mode(attack_mode)
 
     def training_input(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         kw: dict[str, Any] = dict(
@@ -113,7 +107,7 @@ class TRADES(Regularizer):
         self.steps = check_int_in_range(steps, "steps", 0)
         self.threat_obj = make_threat(threat, self.eps)
         self.threat = threat
-        self.attack_mode = _check_attack_mode(attack_mode)
+        self.attack_mode = check_attack_mode(attack_mode)
 
     def adversary(self, model: nn.Module, x: Tensor) -> Tensor:
         """The KL-maximising ``x'`` (detached)."""

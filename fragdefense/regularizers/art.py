@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from fragdefense.attacks.threat import make_threat
 from fragdefense.models.softplus import relu_to_softplus_, to_softplus
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput, eval_mode
+from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, eval_mode
 from fragdefense.utils.checks import check_int_in_range, parse_eps
 
 __all__ = ["ART", "SoftplusBeta", "alignment_triplet"]
@@ -81,9 +81,7 @@ class ART(Regularizer):
         self.attack_steps = check_int_in_range(attack_steps, "attack_steps", 0)
         self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
         self.k = None if k is None else check_int_in_range(k, "k", 1)
-        if attack_mode not in ("eval", "train"):
-            raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {attack_mode!r}")
-        self.attack_mode = attack_mode
+        self.attack_mode = check_attack_mode(attack_mode)
         self._cache: dict[int, nn.Module] = {}  # plain dict: the surrogate is not part of this module's state
 
     def surrogate(self, model: nn.Module) -> nn.Module:

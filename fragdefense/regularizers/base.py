@@ -19,7 +19,15 @@ __all__ = [
     "regularized_loss",
     "StepLoss",
     "check_max_samples",
+    "check_attack_mode",
 ]
+
+
+def check_attack_mode(mode: str) -> str:
+    """``"eval"`` (attack with BatchNorm statistics frozen) or ``"train"``."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {mode!r}")
+    return mode
 
 
 def check_max_samples(max_samples: int | None) -> int | None:

@@ -9,7 +9,14 @@ from torch import Tensor, nn
 from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.attacks.threat import make_threat
 from fragdefense.attributions import integrated_gradients
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_max_samples, eval_mode, same_input
+from fragdefense.regularizers.base import (
+    Regularizer,
+    RegularizerOutput,
+    check_attack_mode,
+    check_max_samples,
+    eval_mode,
+    same_input,
+)
 from fragdefense.utils.checks import check_int_in_range, parse_eps
 
 __all__ = ["loss_path_ig", "IGNorm", "IGSumNorm", "IGR"]
@@ -70,16 +77,18 @@ def _ig_l1(model: nn.Module, x: Tensor, x_end: Tensor, y: Tensor, steps: int, ch
 
 
 class _RARBase(Regularizer):
+    """Shared constructor and inner maximisation of IG-NORM and IG-SUM-NORM (same options, same defaults)."""
+
     def __init__(
         self,
-        weight: float,
-        warmup_epochs: float,
-        eps: float | str,
-        attack_steps: int,
-        step_size: float | str | None,
-        ig_steps: int,
-        internal_batch_size: int | None,
-        attack_mode: str,
+        weight: float = 1.0,
+        warmup_epochs: float = 0.0,
+        eps: float | str = 8 / 255,
+        attack_steps: int = 3,
+        step_size: float | str | None = None,
+        ig_steps: int = 5,
+        internal_batch_size: int | None = None,
+        attack_mode: str = "eval",
     ) -> None:
         super().__init__(weight, warmup_epochs)
         self.eps = parse_eps(eps)
@@ -87,9 +96,7 @@ class _RARBase(Regularizer):
         self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
         self.ig_steps = check_int_in_range(ig_steps, "ig_steps", 1)
         self.internal_batch_size = internal_batch_size
-        if attack_mode not in ("eval", "train"):
-            raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {attack_mode!r}")
-        self.attack_mode = attack_mode
+        self.attack_mode = check_attack_mode(attack_mode)
         self.threat_obj = make_threat("linf", self.eps)
 
     def _maximise(self, model: nn.Module, x: Tensor, y: Tensor, ce_weight: float, ig_weight: float) -> Tensor:
@@ -130,21 +137,6 @@ class IGNorm(_RARBase):
 
     name = "ig_norm"
 
-    def __init__(
-        self,
-        weight: float = 1.0,
-        warmup_epochs: float = 0.0,
-        eps: float | str = 8 / 255,
-        attack_steps: int = 3,
-        step_size: float | str | None = None,
-        ig_steps: int = 5,
-        internal_batch_size: int | None = None,
-        attack_mode: str = "eval",
-    ) -> None:
-        super().__init__(
-            weight, warmup_epochs, eps, attack_steps, step_size, ig_steps, internal_batch_size, attack_mode
-        )
-
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         xa = self._maximise(model, x, y, ce_weight=0.0, ig_weight=1.0)
         return RegularizerOutput(_ig_l1(model, x.detach(), xa, y, self.ig_steps, self.internal_batch_size).mean())
@@ -166,21 +158,6 @@ class IGSumNorm(_RARBase):
     """
 
     name = "ig_sum_norm"
-
-    def __init__(
-        self,
-        weight: float = 1.0,
-        warmup_epochs: float = 0.0,
-        eps: float | str = 8 / 255,
-        attack_steps: int = 3,
-        step_size: float | str | None = None,
-        ig_steps: int = 5,
-        internal_batch_size: int | None = None,
-        attack_mode: str = "eval",
-    ) -> None:
-        super().__init__(
-            weight, warmup_epochs, eps, attack_steps, step_size, ig_steps, internal_batch_size, attack_mode
-        )
 
     def training_input(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self._maximise(model, x, y, ce_weight=1.0, ig_weight=self.weight)
@@ -231,9 +208,7 @@ class IGR(Regularizer):
         self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
         self.ig_steps = check_int_in_range(ig_steps, "ig_steps", 1)
         self.internal_batch_size = internal_batch_size
-        if attack_mode not in ("eval", "train"):
-            raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {attack_mode!r}")
-        self.attack_mode = attack_mode
+        self.attack_mode = check_attack_mode(attack_mode)
 
     def _adversary(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         kw = dict(eps=self.eps, step_size=self.step_size, steps=self.attack_steps, random_start=True)
