@@ -162,6 +162,23 @@ def _cli_images() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def test_checkpoints_of_several_runs_are_named_by_their_run(monitored, tmp_path):
+    import shutil
+
+    from fragdefense.cli.hessian import _checkpoint_list
+
+    root, *_ = monitored
+    paths = []
+    for run in ("natural", "pgd_at"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        paths.append(tmp_path / run / "checkpoints" / "best-epoch00.ckpt")
+        shutil.copy(root / "checkpoints" / "epochepoch=01.ckpt", paths[-1])
+    cfg = compose_config("hessian", [f"checkpoints=[{paths[0]},{paths[1]}]"])
+    assert [r["name"] for r in _checkpoint_list(cfg)] == ["natural/best-epoch00", "pgd_at/best-epoch00"]
+    cfg = compose_config("hessian", [f"checkpoints=[{paths[0]}]"])
+    assert [r["name"] for r in _checkpoint_list(cfg)] == ["best-epoch00"]
+
+
 def test_command_needs_a_model(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         hessian(compose_config("hessian", [*TINY_CLI, f"out_dir={tmp_path}"]))

@@ -76,6 +76,12 @@ def _checkpoint_list(cfg: DictConfig) -> list[dict[str, Any]]:
         out.append({"name": p.stem, "path": str(p), "epoch": ck.get("epoch"), "global_step": ck.get("global_step")})
     if cfg.get("run_dir"):
         out.sort(key=lambda r: (r["epoch"] if r["epoch"] is not None else -1, r["global_step"] or 0))
+    stems = [r["name"] for r in out]
+    for r in out:  # several runs' ``best-epoch00.ckpt``: name them by their run directory
+        if stems.count(r["name"]) > 1:
+            p = Path(r["path"])
+            run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+            r["name"] = f"{run.name}/{p.stem}"
     return out
 
 
