@@ -181,6 +181,38 @@ def test_rank_corr_float32_same_as_float64(fn):
     torch.testing.assert_close(out.double(), fn(a.double(), b.double()), atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("sparse_fraction", [0.0, 0.125, 1.0], ids=["cummax", "auto", "sparse"])
+def test_average_ranks_both_tie_paths_match_scipy_rankdata(sparse_fraction):
+    g = torch.Generator().manual_seed(21)
+    rows = [
+        torch.rand(40, generator=g),  # no ties (a row the tie pass must leave alone)
+        torch.floor(torch.rand(40, generator=g) * 3),  # heavy ties
+        torch.tensor([5.0] * 40),  # one run: the whole row
+        torch.cat([torch.zeros(3), torch.rand(34, generator=g) + 1, torch.full((3,), 9.0)]),  # runs at both ends
+        torch.cat([torch.full((3,), 9.0), torch.rand(37, generator=g) + 1]).neg(),  # run at the start
+        torch.floor(torch.rand(40, generator=g) * 30),  # short runs of 2-3
+    ]
+    x = torch.stack(rows)
+    sv = torch.sort(x, dim=-1).values  # row 3 ends with 9s and row 4 starts with -9s: runs touch across rows
+    got = MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction)
+    want = torch.stack([torch.from_numpy(scipy.stats.rankdata(r.numpy())) for r in sv]) * 2 - 41
+    assert got.dtype == torch.int32 and torch.equal(got.double(), want)
+    # rows without ties next to rows with ties
+    mixed = torch.stack([rows[0], rows[5], rows[0]])
+    sv = torch.sort(mixed, dim=-1).values
+    want = torch.stack([torch.from_numpy(scipy.stats.rankdata(r.numpy())) for r in sv]) * 2 - 41
+    assert torch.equal(MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction).double(), want)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_spearman_finds_non_finite_anywhere(value):
+    for pos in [(0, 0, 0), (1, 2, 3), (1, 3, 4)]:
+        bad = _GOOD.clone()
+        bad[pos] = value
+        with pytest.raises(ValueError, match=r"`b` contains (NaN|Inf)"):
+            spearman(_GOOD, bad)
+
+
 def test_kendall_inversions_against_brute_force():
     g = torch.Generator().manual_seed(13)
     y = torch.randint(0, 9, (20, 33), generator=g)

@@ -117,26 +117,63 @@ def _run_starts(sv: Tensor) -> Tensor:
     return new
 
 
-def _twice_centred_rank_sorted(sv: Tensor) -> Tensor:
+def _tied_runs_sparse(tie: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    """Flat positions in ``(R, D)`` and values ``s + e + 1 - D`` of every element of a tied run, from the
+    ``(R, D - 1)`` bool ``tie`` (``tie[:, j]``: sorted positions ``j`` and ``j + 1`` are equal). Work is
+    proportional to the number of ties, not to ``R * D``."""
+    idx = tie.reshape(-1).nonzero().squeeze(1)  # j of every tied neighbour pair, row-major
+    row = idx // (d - 1)
+    p = idx - row * (d - 1) + 1  # the later element of the pair; its run contains p - 1
+    first = torch.ones_like(idx, dtype=torch.bool)  # first pair of a run: not the continuation of the previous
+    first[1:] = (idx[1:] != idx[:-1] + 1) | (row[1:] != row[:-1])
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    run = first.cumsum(0) - 1
+    p_first = p[first]
+    val = (p_first + p[last] - d).to(torch.int32)  # run s..e with s = p_first - 1, e = p_last
+    return torch.cat([row * d + p, row[first] * d + p_first - 1]), torch.cat([val[run], val])
+
+
+def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125) -> Tensor:
     """``2 * r - (D + 1)`` for the 1-based average ("fractional") rank ``r`` of each element of the sorted
     rows ``sv`` ``(B, D)``, as exact int32.
 
-    A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``.
-    ``s`` is a cumulative max of run-start positions; ``e`` the same on the reversed rows (as
-    ``e_rev = D - 1 - e``), giving ``s - e_rev``. Only rows that contain ties take this path.
+    A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``;
+    untied elements get ``2 * pos + 1 - D``. Only rows that contain ties are touched. When at most
+    ``sparse_fraction`` of their neighbour pairs tie (continuous maps: a few float collisions) the runs are
+    resolved from the list of tied pairs, at a cost proportional to the ties; otherwise (quantised maps) ``s``
+    is a cumulative max of run-start positions and ``e`` the same on the reversed rows (as
+    ``e_rev = D - 1 - e``), giving ``s - e_rev``.
     """
     bsz, d = sv.shape
     ar = torch.arange(d, dtype=torch.int32, device=sv.device)
-    new = torch.ones(bsz, d + 1, dtype=torch.bool, device=sv.device)  # new[:, i]: a run starts at i
-    torch.ne(sv[:, 1:], sv[:, :-1], out=new[:, 1:d])
-    tied = ~new[:, 1:d].all(dim=1)  # rows with at least one tie
-    if not bool(tied.any()):  # no ties anywhere in the batch: ranks are positions
-        return (2 * ar + (1 - d)).expand(bsz, d)
-    out = (2 * ar + (1 - d)).expand(bsz, d).clone()
-    rows = tied.nonzero().flatten()  # tie handling only where needed (random float maps rarely tie)
-    nr = new[rows]
-    start = (nr[:, :d] * ar).cummax(dim=-1).values
-    end_rev = (nr[:, 1:].flip(-1) * ar).cummax(dim=-1).values.flip(-1)  # nr[:, i+1]: a run ends at i
+    base = 2 * ar + (1 - d)
+    if d < 2:
+        return base.expand(bsz, d)
+    tie = torch.eq(sv[:, 1:], sv[:, :-1])
+    rows = tie.any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:  # no ties anywhere in the batch: ranks are positions
+        return base.expand(bsz, d)
+    all_rows = rows.numel() == bsz
+    t = tie if all_rows else tie[rows]
+    n_tie = int(t.sum(dtype=torch.int32 if t.numel() < 2**31 else torch.long))
+    if n_tie <= sparse_fraction * t.numel():
+        out = base.expand(bsz, d).clone()
+        pos, val = _tied_runs_sparse(t, d)
+        if all_rows:
+            out.view(-1)[pos] = val
+        else:
+            sub = out[rows]
+            sub.view(-1)[pos] = val
+            out[rows] = sub
+        return out
+    new = torch.ones(t.shape[0], d + 1, dtype=torch.bool, device=sv.device)  # new[:, i]: a run starts at i
+    torch.logical_not(t, out=new[:, 1:d])
+    start = (new[:, :d] * ar).cummax(dim=-1).values
+    end_rev = (new[:, 1:].flip(-1) * ar).cummax(dim=-1).values.flip(-1)  # new[:, i+1]: a run ends at i
+    if all_rows:
+        return start - end_rev
+    out = base.expand(bsz, d).clone()
     out[rows] = start - end_rev
     return out
 
@@ -340,11 +377,15 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     """
     check_two_maps(a, b, finite=False)
     bsz, d = a.shape[0], _numel(a)
-    both = torch.cat([_flat(a), _flat(b)])  # (2B, D): one finiteness check, one sort, one rank pass
-    if not bool(torch.isfinite(both).all()):
+    both = torch.cat([_flat(a), _flat(b)])  # (2B, D): one sort, one rank pass
+    s, i = torch.sort(both, dim=-1)
+    # an ascending sort puts -inf first and +inf, NaN last (CPU, CUDA), so the row ends reveal non-finite input
+    ends = s[:, [0, -1]] if d else s
+    if s.device.type not in ("cpu", "cuda"):
+        ends = both
+    if not bool(torch.isfinite(ends).all()):
         check_finite(a, "a")
         check_finite(b, "b")
-    s, i = torch.sort(both, dim=-1)
     r = _twice_centred_rank_sorted(s)
     ra, rb, ia, ib = r[:bsz], r[bsz:], i[:bsz], i[bsz:]  # ranks in a-sorted / b-sorted order
     ra_orig = torch.empty(ra.shape, dtype=torch.int32, device=ra.device).scatter_(1, ia, ra)
