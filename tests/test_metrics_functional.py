@@ -220,6 +220,17 @@ def test_kendall_inversions_against_brute_force():
     assert MF._count_inversions(y).tolist() == brute
 
 
+@pytest.mark.parametrize(("levels", "d"), [(300, 300), (2, 257), (64, 200), (65, 200), (1, 10), (1000, 2)])
+def test_kendall_inversions_brute_force_numpy(levels, d):
+    """Permutations and tie-heavy rows, maxima at and just past a power of two (bit-level edges)."""
+    g = torch.Generator().manual_seed(levels + d)
+    y = torch.randint(0, levels, (6, d), generator=g)
+    y[0] = torch.randperm(d, generator=g) % max(levels, 1)
+    yn = y.numpy()
+    brute = [int(np.triu(r[:, None] > r[None, :], 1).sum()) for r in yn]
+    assert MF._count_inversions(y).tolist() == brute
+
+
 # ------------------------------------------------------------------------------------------------------------
 # set metrics vs brute force
 # ------------------------------------------------------------------------------------------------------------

@@ -200,12 +200,17 @@ def _count_inversions(y: Tensor) -> Tensor:
     """Number of pairs ``i < j`` with ``y[:, i] > y[:, j]`` per row, as int64 ``(B,)``.
 
     ``y`` is an integer ``(B, D)`` tensor with values in ``[0, D)`` (dense ranks). Vectorised MSD radix sort,
-    O(D log D) per row: at bit level ``l`` (high to low) each row is kept stably ordered by ``y >> (l + 1)``;
-    inside each such group every element whose bit ``l`` is 0 forms an inversion with each earlier element
-    of the group whose bit ``l`` is 1 (they agree on all higher bits, so the earlier one is larger). These are
-    counted with one cumulative sum; then the row is stably partitioned by bit ``l`` (a scatter to positions
-    read off the value histogram). Every inverted pair is counted exactly once, at the highest bit where its
-    two values differ, and pairs of equal values are never counted.
+    O(D log D) per row: at bit level ``l`` (high to low) each row is kept stably ordered by its group
+    ``g = y >> (l + 1)``; inside a group every element whose bit ``l`` is 0 forms an inversion with each
+    earlier element of the group whose bit ``l`` is 1 (they agree on all higher bits, so the earlier one is
+    larger). Every inverted pair is counted exactly once, at the highest bit where its two values differ, and
+    pairs of equal values are never counted.
+
+    With ``c`` the inclusive running count of ones, the level's count is
+    ``sum_{zeros} (c_i - OB(g_i)) = sum_i c_i - n1 (n1 + 1) / 2 - sum_g zeros(g) OB(g)`` (``OB(g)``: ones in
+    earlier groups, from the value histogram), so it costs one cumulative sum and one sum. Then the row is
+    stably partitioned by bit ``l``: a zero moves to ``i - c_i + OB(g)``, a one to
+    ``start(g) + zeros(g) - OB(g) + c_i - 1``, both read from one per-(group, bit) table.
     """
     bsz, d = y.shape
     dev = y.device
@@ -216,24 +221,27 @@ def _count_inversions(y: Tensor) -> Tensor:
     n_bits = int(cur.max()).bit_length()
     if n_bits == 0:
         return inv
-    # less[v] = number of entries < v in the row, for v in [0, max + 1]
-    hist = torch.zeros(bsz, (1 << n_bits) + 1, dtype=torch.int32, device=dev)
-    hist.scatter_add_(1, _idx(cur + 1), torch.ones_like(cur))
-    less = hist.cumsum(dim=1, dtype=torch.int32)
+    n_val = 1 << n_bits
+    hist = torch.zeros(bsz, n_val, dtype=torch.int32, device=dev)
+    hist.scatter_add_(1, _idx(cur), torch.ones_like(cur))
     pos = torch.arange(d, dtype=torch.int32, device=dev)
-    # one level adds at most (D/2)^2 pairs per row: sum in int32 when that cannot overflow (faster on CPU)
-    level_sum_dtype = torch.int32 if d < 92_681 else torch.long
+    sum_dtype = torch.int32 if d * (d + 1) // 2 < 2**31 else torch.long  # sum_i c_i <= D (D + 1) / 2
     for lvl in range(n_bits - 1, -1, -1):
-        bit = (cur >> lvl) & 1
-        grp_start = less.gather(1, _idx(cur & ~((2 << lvl) - 1)))  # first position of the (y >> lvl+1) group
-        ones_before = bit.cumsum(dim=1, dtype=torch.int32) - bit  # ones strictly before, whole row
-        ones_before_grp = ones_before - ones_before.gather(1, _idx(grp_start))
-        inv += (ones_before_grp * (bit ^ 1)).sum(dim=1, dtype=level_sum_dtype)
+        cnt = hist.view(bsz, n_val >> lvl, 1 << lvl).sum(-1, dtype=torch.int32) if lvl else hist  # by (group, bit)
+        zeros, ones = cnt[:, 0::2], cnt[:, 1::2]
+        ones_before = ones.cumsum(1, dtype=torch.int32) - ones  # OB(g)
+        key = cur >> lvl  # 2 g + bit
+        bit = key & 1
+        c = bit.cumsum(1, dtype=torch.int32)
+        n1 = c[:, -1].long()
+        inv += c.sum(1, dtype=sum_dtype) - n1 * (n1 + 1) // 2 - (zeros.long() * ones_before).sum(1)
         if lvl == 0:
             break
-        one_start = less.gather(1, _idx(cur & ~((1 << lvl) - 1)))  # first position of the (y >> lvl) group
-        zero_pos = pos - ones_before_grp  # = grp_start + zeros before, within the group
-        new_pos = zero_pos + bit * (one_start + ones_before_grp - zero_pos)
+        tot = zeros + ones
+        start = tot.cumsum(1, dtype=torch.int32) - tot
+        table = torch.stack([ones_before, start + zeros - ones_before - 1], dim=2).view(bsz, -1)
+        zc = pos - c
+        new_pos = table.gather(1, _idx(key)) + zc + bit * (c - zc)  # where(bit, c, zc) without a slow where
         cur = torch.empty_like(cur).scatter_(1, _idx(new_pos), cur)
     return inv
 
