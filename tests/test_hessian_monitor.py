@@ -141,6 +141,7 @@ def test_command_end_to_end_with_a_run_dir(monitored, tmp_path):
         "eigen_vs_beta.png",
         "lambda_vs_fragility.png",
         "eigen_over_checkpoints.png",
+        "lambda_vs_topk_across_models.png",
     }
     assert names <= {f.name for f in out.iterdir()}
     assert "Parameter Hessian" in (out / "results.md").read_text()

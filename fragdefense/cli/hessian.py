@@ -560,6 +560,23 @@ def _plots(p: dict[str, Any], sd: Any, out_dir: Path) -> list[str]:
         atomic_savefig(fig, out_dir / "eigen_over_checkpoints.png", dpi=120)
         plt.close(fig)
         paths.append(str(out_dir / "eigen_over_checkpoints.png"))
+        if all(r.get("mean_topk_intersection") is not None for r in rows):  # compare.fragility
+            fig, ax = plt.subplots(figsize=(5.6, 4.2))
+            lam = [r["input_lambda_max_mean"] for r in rows]
+            tk = [r["mean_topk_intersection"] for r in rows]
+            ax.scatter(lam, tk)
+            for r, a, b in zip(rows, lam, tk):
+                ax.annotate(r["name"].split("/")[0], (a, b), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            rho = p["checkpoints"].get("spearman_lambda_vs_topk_across_models")
+            ax.set_xscale("log")
+            ax.set_xlabel("mean input-Hessian lambda_max (softplus surrogate)")
+            ax.set_ylabel("mean top-k intersection under attack")
+            ax.set_title("across models" + (f": Spearman {rho:.2f}" if rho is not None else ""))
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            atomic_savefig(fig, out_dir / "lambda_vs_topk_across_models.png", dpi=120)
+            plt.close(fig)
+            paths.append(str(out_dir / "lambda_vs_topk_across_models.png"))
     hist = p.get("checkpoints", {}).get("monitor_history") or []
     if len(hist) > 1:  # written by HessianMonitor during training (every evaluated epoch)
         keys = [k for k in ("param_top_eig", "param_trace", "input_lambda_max_mean") if k in hist[0]]
