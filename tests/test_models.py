@@ -96,3 +96,84 @@ def test_weights_path_roundtrip_and_mismatch(tmp_path):
         create_model("small_cnn", num_classes=3, width=8, weights_path=tmp_path / "full.pt")
     with pytest.raises(FileNotFoundError, match="weights_path"):
         create_model("small_cnn", weights_path=tmp_path / "absent.pt")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the surrogate's cheap second derivative (softplus) and eval-mode BatchNorm: same numbers as the stock layers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _stock_surrogate(model: nn.Module, beta: float) -> nn.Module:
+    """Reference: ``model`` with every ReLU replaced by ``nn.Softplus(beta, 20)`` and stock BatchNorm."""
+    import copy
+
+    ref = copy.deepcopy(model)
+
+    def swap(m: nn.Module) -> None:
+        for name, child in m.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(m, name, nn.Softplus(beta=beta, threshold=20.0))
+            else:
+                swap(child)
+
+    swap(ref)
+    return ref
+
+
+@pytest.mark.parametrize("beta", [1.0, 10.0, 50.0])
+def test_fast_softplus_values_and_derivatives_match_aten(beta):
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from fragdefense.models.softplus import _Softplus
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, dtype=torch.float64, generator=g) * 30 / beta
+    z[:3] = torch.tensor([20.0 / beta * 1.001, 20.0 / beta * 0.999, -25.0 / beta])  # both sides of the threshold
+    z.requires_grad_(True)
+    fast, stock = _Softplus(beta), nn.Softplus(beta=beta, threshold=20.0)
+    assert torch.equal(fast(z), stock(z))
+    assert gradcheck(fast, (z,)) and gradgradcheck(fast, (z,))
+    g1, g2 = (torch.autograd.grad(m(z).sum(), z, create_graph=True)[0] for m in (fast, stock))
+    torch.testing.assert_close(g1, g2, rtol=1e-14, atol=1e-300)
+    v = torch.randn(64, dtype=torch.float64, generator=g)
+    h1, h2 = (torch.autograd.grad(gr, z, v)[0] for gr in (g1, g2))
+    torch.testing.assert_close(h1, h2, rtol=1e-12, atol=1e-300)
+    # first order without a graph of the gradient: ATen's fused backward, identical
+    assert torch.equal(torch.autograd.grad(fast(z).sum(), z)[0], torch.autograd.grad(stock(z).sum(), z)[0])
+    # third derivatives are not provided: a clear error, not a silent zero
+    (g1,) = torch.autograd.grad(fast(z).sum(), z, create_graph=True)
+    (h,) = torch.autograd.grad(g1, z, v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(h.sum(), z)
+
+
+def test_surrogate_input_hessian_products_and_batchnorm_match_the_stock_layers():
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, width=8).double()
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            net(torch.rand(32, 3, 32, 32, dtype=torch.float64))
+    net.eval()
+    soft, ref = to_softplus(net, 10.0).eval(), _stock_surrogate(net, 10.0).eval()
+    assert isinstance(soft.backbone.features[1], nn.BatchNorm2d)  # still a BatchNorm (state dict, isinstance)
+    assert type(soft.backbone.features[1]) is not nn.BatchNorm2d
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(soft(x), ref(x), rtol=1e-12, atol=1e-14)
+    v = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    hv = []
+    for m in (soft, ref):
+        (g,) = torch.autograd.grad(m(x)[:, 3].sum(), x, create_graph=True)
+        hv.append(torch.autograd.grad(g, x, v)[0])
+    assert hv[0].abs().max() > 0
+    torch.testing.assert_close(hv[0], hv[1], rtol=1e-10, atol=1e-12)
+    # training mode is the stock BatchNorm: same output and same running-statistics update
+    soft.train(), ref.train()
+    xb = torch.rand(8, 3, 32, 32, dtype=torch.float64)
+    before = net.backbone.features[1].running_mean.clone()
+    out_soft = soft(xb)
+    after_soft = net.backbone.features[1].running_mean.clone()  # shared buffer
+    net.backbone.features[1].running_mean.copy_(before)
+    out_ref = ref(xb)
+    torch.testing.assert_close(out_soft, out_ref, rtol=0, atol=0)
+    torch.testing.assert_close(after_soft, ref.backbone.features[1].running_mean, rtol=0, atol=0)
