@@ -140,11 +140,17 @@ def test_fast_softplus_values_and_derivatives_match_aten(beta):
     torch.testing.assert_close(h1, h2, rtol=1e-12, atol=1e-300)
     # first order without a graph of the gradient: ATen's fused backward, identical
     assert torch.equal(torch.autograd.grad(fast(z).sum(), z)[0], torch.autograd.grad(stock(z).sum(), z)[0])
-    # third derivatives are not provided: a clear error, not a silent zero
-    (g1,) = torch.autograd.grad(fast(z).sum(), z, create_graph=True)
-    (h,) = torch.autograd.grad(g1, z, v, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(h.sum(), z)
+    # third derivatives and autograd.functional.hvp (double-backward trick) are exact too
+    third = []
+    for m in (fast, stock):
+        (gr,) = torch.autograd.grad(m(z).sum(), z, create_graph=True)
+        (h,) = torch.autograd.grad(gr, z, v, create_graph=True)
+        third.append(torch.autograd.grad(h.sum(), z)[0])
+    assert third[1].abs().max() > 0
+    torch.testing.assert_close(third[0], third[1], rtol=1e-12, atol=1e-300)
+    hvp = [torch.autograd.functional.hvp(lambda t, m=m: m(t).sum(), z.detach(), v)[1] for m in (fast, stock)]
+    assert hvp[1].abs().max() > 0
+    torch.testing.assert_close(hvp[0], hvp[1], rtol=1e-12, atol=1e-300)
 
 
 def test_surrogate_input_hessian_products_and_batchnorm_match_the_stock_layers():

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = ["to_softplus", "relu_to_softplus_", "set_softplus_beta", "count_relus"]
 
@@ -26,9 +25,10 @@ class _SoftplusFn(torch.autograd.Function):
     products on every backward pass through the first-order graph; input-Hessian products, attacks on saliency
     maps and curvature regularizers do that pass many times over one graph. Here the first-order backward is
     ``grad * s(z)`` with ``s = softplus'`` computed once by :class:`_SoftplusGrad`, which saves
-    ``softplus''``; later passes only multiply by saved tensors. Values and first and second derivatives equal
-    ``F.softplus``'s (tests: ``gradgradcheck`` in float64). When no graph of the gradient is being built the
-    backward is ATen's fused ``softplus_backward``, so first-order use costs the same as ``nn.Softplus``.
+    ``softplus''``; later passes only multiply by saved tensors. Values and derivatives equal ``F.softplus``'s
+    at every order (tests: ``gradgradcheck`` and third derivatives in float64). When no graph of the gradient
+    is being built the backward is ATen's fused ``softplus_backward``, so first-order use costs the same as
+    ``nn.Softplus``.
     """
 
     @staticmethod
@@ -46,21 +46,27 @@ class _SoftplusFn(torch.autograd.Function):
 
 
 class _SoftplusGrad(torch.autograd.Function):
-    """``softplus'(z) = sigmoid(beta z)`` (1 where ``beta z > threshold``); its backward multiplies by the
-    saved ``softplus''(z) = beta s (1 - s)`` (0 in the linear regime). Third derivatives are not provided."""
+    """``softplus'(z) = sigmoid(beta z)`` (1 where ``beta z > threshold``). Its backward multiplies by
+    ``softplus''(z) = beta s (1 - s)`` (0 in the linear regime), saved in the forward pass; when a graph of
+    that backward is being built (third derivatives, ``torch.autograd.functional.hvp``'s double-backward trick)
+    it is recomputed from ``z`` with differentiable operations instead, so every order stays exact."""
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, beta: float, threshold: float) -> Tensor:
         bz = z * beta
         s = torch.sigmoid(bz)
         linear = bz > threshold
-        ctx.save_for_backward((beta * s * (1.0 - s)).masked_fill_(linear, 0.0))
+        ctx.save_for_backward(z, (beta * s * (1.0 - s)).masked_fill_(linear, 0.0))
+        ctx.beta, ctx.threshold = beta, threshold
         return s.masked_fill_(linear, 1.0)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (s2,) = ctx.saved_tensors
+        z, s2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # higher order: differentiable in z and in grad
+            bz = z * ctx.beta
+            s = torch.sigmoid(bz)
+            s2 = (ctx.beta * s * (1.0 - s)).masked_fill(bz > ctx.threshold, 0.0)
         return grad * s2, None, None
 
 
