@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fragdefense.models.batchnorm import double_backward_batchnorm_
 from fragdefense.models.cifar import PreActResNet, ResNetCifar, SmallCNN, WideResNet
 from fragdefense.models.softplus import count_relus, relu_to_softplus_, set_softplus_beta, to_softplus
 
@@ -33,6 +34,7 @@ __all__ = [
     "relu_to_softplus_",
     "set_softplus_beta",
     "count_relus",
+    "double_backward_batchnorm_",
     "load_checkpoint_model",
     "load_weights",
     "CIFAR10_MEAN",

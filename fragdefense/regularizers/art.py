@@ -61,6 +61,7 @@ class ART(Regularizer):
     """
 
     name = "art"
+    second_order = True
 
     def __init__(
         self,

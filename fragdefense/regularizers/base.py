@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fragdefense.models.batchnorm import double_backward_batchnorm_
+
 __all__ = [
     "Regularizer",
     "RegularizerOutput",
@@ -101,6 +103,9 @@ class Regularizer(nn.Module):
     #: the task forward pass runs on an input that requires grad, so the penalty can differentiate
     #: ``logits`` w.r.t. ``x_train`` without a second forward pass
     needs_input_grad = False
+    #: the penalty back-propagates through a first backward pass (input gradients, IG, Hessians): training-mode
+    #: BatchNorm then gets the closed-form double backward (:func:`~fragdefense.models.double_backward_batchnorm_`)
+    second_order = False
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 0.0) -> None:
         super().__init__()
@@ -122,7 +127,11 @@ class Regularizer(nn.Module):
         return self.weight * min(1.0, float(epoch) / self.warmup_epochs)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Called once before training; returns the model to train (default: ``model`` itself)."""
+        """Called once before training; returns the model to train (default: ``model`` itself; with
+        :attr:`second_order`, its BatchNorm layers get a cheap exact double backward,
+        :func:`~fragdefense.models.double_backward_batchnorm_`)."""
+        if self.second_order:
+            double_backward_batchnorm_(model)
         return model
 
     def model_config_update(self) -> dict:

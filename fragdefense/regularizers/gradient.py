@@ -42,6 +42,7 @@ class InputGradient(Regularizer):
 
     name = "input_grad"
     needs_input_grad = True
+    second_order = True
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 0.0, norm: str = "l2sq") -> None:
         super().__init__(weight, warmup_epochs)
@@ -79,6 +80,7 @@ class CURE(Regularizer):
 
     name = "cure"
     needs_input_grad = True
+    second_order = True
 
     def __init__(self, weight: float = 4.0, warmup_epochs: float = 0.0, h: float = 0.375) -> None:
         super().__init__(weight, warmup_epochs)

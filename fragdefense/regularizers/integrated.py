@@ -79,6 +79,8 @@ def _ig_l1(model: nn.Module, x: Tensor, x_end: Tensor, y: Tensor, steps: int, ch
 class _RARBase(Regularizer):
     """Shared constructor and inner maximisation of IG-NORM and IG-SUM-NORM (same options, same defaults)."""
 
+    second_order = True
+
     def __init__(
         self,
         weight: float = 1.0,
@@ -188,6 +190,7 @@ class IGR(Regularizer):
     """
 
     name = "igr"
+    second_order = True
 
     def __init__(
         self,

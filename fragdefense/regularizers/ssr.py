@@ -90,6 +90,7 @@ class SSR(Regularizer):
     """
 
     name = "ssr"
+    second_order = True
 
     def __init__(
         self,
