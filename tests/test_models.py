@@ -183,3 +183,16 @@ def test_surrogate_input_hessian_products_and_batchnorm_match_the_stock_layers()
     out_ref = ref(xb)
     torch.testing.assert_close(out_soft, out_ref, rtol=0, atol=0)
     torch.testing.assert_close(after_soft, ref.backbone.features[1].running_mean, rtol=0, atol=0)
+
+
+def test_surrogate_of_a_model_with_double_backward_batchnorm_uses_the_eval_affine_layer():
+    from fragdefense.models import double_backward_batchnorm_
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, width=4).double()
+    double_backward_batchnorm_(net)
+    net.eval()
+    soft = to_softplus(net, 10.0).eval()
+    assert type(soft.backbone.features[1]).__name__ == "_EvalAffineBatchNorm2d"
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(soft(x), _stock_surrogate(net, 10.0).eval()(x), rtol=1e-12, atol=1e-14)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fragdefense.models.batchnorm import _SWAP as _DOUBLE_BACKWARD_BN
+
 __all__ = ["to_softplus", "relu_to_softplus_", "set_softplus_beta", "count_relus"]
 
 
@@ -108,6 +110,8 @@ _EVAL_AFFINE: dict[type, type] = {
     nn.BatchNorm2d: _EvalAffineBatchNorm2d,
     nn.BatchNorm3d: _EvalAffineBatchNorm3d,
 }
+# layers of a model being trained by a second-order regularizer (fragdefense.models.batchnorm) too
+_EVAL_AFFINE.update({fast: _EVAL_AFFINE[stock] for stock, fast in _DOUBLE_BACKWARD_BN.items()})
 
 
 class _Softplus(nn.Softplus):
