@@ -93,3 +93,35 @@ def test_second_order_regularizers_switch_batchnorm_and_others_do_not():
 def test_bad_model_argument():
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         double_backward_batchnorm_("small_cnn")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["input_grad", "cure", "ssr", "igr", "ig_norm"])
+def test_regularized_step_gradients_match_stock_batchnorm(name):
+    """Every second-order defense, including SSR's batched-gradient Jacobian (``is_grads_batched``), gives the
+    stock layer's parameter gradients."""
+    from fragdefense.regularizers import regularized_loss
+
+    net, fast = _pair(1)
+    x = torch.rand(6, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    grads = []
+    for m in (net, fast):
+        torch.manual_seed(3)  # same random starts for the inner attacks
+        out = regularized_loss(m, create_regularizer(name), x, y, epoch=100.0)
+        grads.append(torch.autograd.grad(out.loss, list(m.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_under_torch_func_vmap_the_stock_path_is_taken():
+    """Training-mode BatchNorm with running statistics cannot be vmapped (functorch refuses the in-place update
+    of unbatched buffers): the switched layer gives the stock layer's error, and eval mode works alike."""
+    stock = nn.BatchNorm2d(3).double().train()
+    fast = copy.deepcopy(stock)
+    double_backward_batchnorm_(fast)
+    x = torch.randn(4, 2, 3, 5, 5, dtype=torch.float64)  # vmapped over dim 0: 4 batches of 2
+    for m in (stock, fast):
+        with pytest.raises(RuntimeError, match="running_mean or running_var"):
+            torch.func.vmap(m)(x)
+    stock.eval(), fast.eval()
+    torch.testing.assert_close(torch.func.vmap(fast)(x), torch.func.vmap(stock)(x), rtol=0, atol=1e-14)

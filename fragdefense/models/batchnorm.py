@@ -28,6 +28,18 @@ from torch import Tensor, nn
 __all__ = ["double_backward_batchnorm_"]
 
 
+def _under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is batched by a vmap: ``torch.func`` transforms, or the legacy batching of
+    ``autograd.grad(..., is_grads_batched=True)``. The closed-form path saves tensors for a later backward,
+    which a batched tensor must not outlive, so these cases take ATen's differentiable formula."""
+    f = torch._C._functorch
+    return bool(
+        torch._C._are_functorch_transforms_active()
+        or getattr(f, "is_legacy_batchedtensor", lambda _t: False)(t)
+        or getattr(f, "is_batchedtensor", lambda _t: False)(t)
+    )
+
+
 def _ch(t: Tensor, nd: int) -> Tensor:
     return t.view((1, -1) + (1,) * (nd - 2))
 
@@ -59,7 +71,8 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        if not torch.is_grad_enabled():  # first order only: ATen's fused kernel
+        if not torch.is_grad_enabled() or _under_vmap(gy):
+            # first order only, or batched gradients: ATen's kernel (differentiable by ATen's own formula)
             mask = list(ctx.needs_input_grad[:3])
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 gy, x, weight, None, None, mean, invstd, True, ctx.eps, mask
@@ -127,7 +140,7 @@ class _DoubleBackwardBatchNorm:
             and bn.momentum is not None
             and bn.running_mean is not None
             and bn.num_batches_tracked is not None
-        ):
+        ) or _under_vmap(input):
             return super().forward(input)  # type: ignore[misc]
         bn._check_input_dim(input)
         bn.num_batches_tracked.add_(1)
