@@ -125,3 +125,14 @@ def test_under_torch_func_vmap_the_stock_path_is_taken():
             torch.func.vmap(m)(x)
     stock.eval(), fast.eval()
     torch.testing.assert_close(torch.func.vmap(fast)(x), torch.func.vmap(stock)(x), rtol=0, atol=1e-14)
+
+
+def test_autocast_takes_the_stock_layer():
+    stock = nn.BatchNorm2d(3).train()
+    fast = copy.deepcopy(stock)
+    double_backward_batchnorm_(fast)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = stock(x), fast(x)
+    assert type(b.grad_fn).__name__ == type(a.grad_fn).__name__  # ATen's node, not _BatchNormTrain's
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

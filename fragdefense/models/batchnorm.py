@@ -129,18 +129,23 @@ class _BatchNormBackward(torch.autograd.Function):
 
 class _DoubleBackwardBatchNorm:
     """Mixin: training-mode forward through :class:`_BatchNormTrain` when the layer is affine and tracks running
-    statistics with a momentum; every other case (eval mode, cumulative averages, no affine) is the stock layer."""
+    statistics with a momentum; every other case (eval mode, cumulative averages, no affine, vmap, autocast) is
+    the stock layer."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.BatchNorm's signature
         bn: Any = self
-        if not (
-            bn.training
-            and bn.affine
-            and bn.track_running_stats
-            and bn.momentum is not None
-            and bn.running_mean is not None
-            and bn.num_batches_tracked is not None
-        ) or _under_vmap(input):
+        if (
+            not (
+                bn.training
+                and bn.affine
+                and bn.track_running_stats
+                and bn.momentum is not None
+                and bn.running_mean is not None
+                and bn.num_batches_tracked is not None
+            )
+            or _under_vmap(input)
+            or torch.is_autocast_enabled(input.device.type)
+        ):  # mixed precision: stock layer
             return super().forward(input)  # type: ignore[misc]
         bn._check_input_dim(input)
         bn.num_batches_tracked.add_(1)
