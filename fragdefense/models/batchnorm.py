@@ -185,10 +185,16 @@ def double_backward_batchnorm_(model: nn.Module) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    return swap_classes_(model, _SWAP)
+
+
+def swap_classes_(model: nn.Module, mapping: dict[type, type]) -> int:
+    """Set ``m.__class__ = mapping[type(m)]`` for every submodule whose exact type is a key (the new classes
+    subclass the old ones and only override ``forward``, so state is untouched); returns how many changed."""
     n = 0
     for m in model.modules():
-        fast = _SWAP.get(type(m))
-        if fast is not None:
-            m.__class__ = fast
+        new = mapping.get(type(m))
+        if new is not None:
+            m.__class__ = new
             n += 1
     return n

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fragdefense.models.batchnorm import _SWAP as _DOUBLE_BACKWARD_BN
+from fragdefense.models.batchnorm import swap_classes_
 
 __all__ = ["to_softplus", "relu_to_softplus_", "set_softplus_beta", "count_relus"]
 
@@ -162,10 +163,7 @@ def to_softplus(model: nn.Module, beta: float = 1.0) -> nn.Module:
     memo.update({id(b): b for b in model.buffers()})
     clone = copy.deepcopy(model, memo)
     n = _replace(clone, float(beta))
-    for m in clone.modules():  # cheaper eval-mode BatchNorm in the copy (same values, see _EvalAffine)
-        fast = _EVAL_AFFINE.get(type(m))
-        if fast is not None:
-            m.__class__ = fast
+    swap_classes_(clone, _EVAL_AFFINE)  # cheaper eval-mode BatchNorm in the copy (same values, see _EvalAffine)
     if n == 0:
         warnings.warn(
             "to_softplus: `model` contains no nn.ReLU module; the copy is identical to the model",
