@@ -196,3 +196,41 @@ def test_surrogate_of_a_model_with_double_backward_batchnorm_uses_the_eval_affin
     assert type(soft.backbone.features[1]).__name__ == "_EvalAffineBatchNorm2d"
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     torch.testing.assert_close(soft(x), _stock_surrogate(net, 10.0).eval()(x), rtol=1e-12, atol=1e-14)
+
+
+def test_fast_softplus_under_torch_func_and_batched_gradients_matches_stock():
+    """Per-sample gradients (``vmap(grad)``, influence functions), ``jvp(grad)`` (input Hessians, backend
+    "func") and ``is_grads_batched`` Jacobians with a graph (SSR, ART) give ``nn.Softplus``'s numbers."""
+    import copy
+
+    from fragdefense.models.softplus import _Softplus
+
+    torch.manual_seed(0)
+    fast = nn.Sequential(nn.Linear(4, 8), _Softplus(5.0), nn.Linear(8, 3)).double()
+    stock = copy.deepcopy(fast)
+    stock[1] = nn.Softplus(5.0, 20.0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+
+    def per_sample(net):
+        def loss(p, xi, yi):
+            return nn.functional.cross_entropy(torch.func.functional_call(net, p, (xi[None],)), yi[None])
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(dict(net.named_parameters()), x, y)
+
+    a, b = per_sample(fast), per_sample(stock)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
+
+    v = torch.randn_like(x)
+    hv = [torch.func.jvp(torch.func.grad(lambda z, m=m: m(z)[:, 0].sum()), (x,), (v,))[1] for m in (fast, stock)]
+    torch.testing.assert_close(hv[0], hv[1], rtol=1e-12, atol=1e-14)
+
+    def jacobian_penalty_grads(net):
+        xg = x.clone().requires_grad_(True)
+        eye = torch.eye(3, dtype=torch.float64)[:, None, :].expand(3, 6, 3)
+        (jac,) = torch.autograd.grad(net(xg), xg, grad_outputs=eye, is_grads_batched=True, create_graph=True)
+        return torch.autograd.grad(jac.pow(2).sum(), [net[0].weight, net[2].weight])
+
+    for g1, g2 in zip(jacobian_penalty_grads(fast), jacobian_penalty_grads(stock)):
+        torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-14)
