@@ -136,3 +136,16 @@ def test_autocast_takes_the_stock_layer():
         a, b = stock(x), fast(x)
     assert type(b.grad_fn).__name__ == type(a.grad_fn).__name__  # ATen's node, not _BatchNormTrain's
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lrp_and_deeplift_treat_switched_layers_as_batchnorm():
+    """captum matches layer types exactly; fragdefense's wrappers accept the BatchNorm variants."""
+    from fragdefense.attributions import deeplift, lrp
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, width=4).double().eval()
+    fast = copy.deepcopy(net)
+    double_backward_batchnorm_(fast)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    for fn in (lrp, deeplift):
+        torch.testing.assert_close(fn(fast, x, target=1), fn(net, x, target=1), rtol=1e-10, atol=1e-12)

@@ -166,7 +166,9 @@ def lrp(
     ruled = (*SUPPORTED_LAYERS_WITH_RULES, nn.Flatten)
     try:
         for m in layers:
-            if id(m) not in user_rules and type(m) in ruled:
+            # isinstance, not captum's exact type match: fragdefense's BatchNorm variants (double backward for
+            # second-order training, eval-mode affine in softplus copies) are BatchNorm layers to LRP
+            if id(m) not in user_rules and isinstance(m, ruled):
                 m.rule = EpsilonRule(epsilon=epsilon)
         with torch.enable_grad():
             attr = LRP(net).attribute(inp, target=t)
