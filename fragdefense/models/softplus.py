@@ -124,7 +124,11 @@ class _Softplus(nn.Softplus):
         super().__init__(beta=float(beta), threshold=20.0)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Softplus's signature
-        if torch._C._are_functorch_transforms_active():  # torch.func (vmap, grad, jvp): ATen's softplus
+        if (
+            not (torch.is_grad_enabled() and input.requires_grad)  # no backward through this call
+            or torch._C._are_functorch_transforms_active()  # torch.func (vmap, grad, jvp)
+            or torch.jit.is_tracing()  # export
+        ):
             return F.softplus(input, float(self.beta), float(self.threshold))
         return _SoftplusFn.apply(input, float(self.beta), float(self.threshold))
 
