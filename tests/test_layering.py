@@ -1,0 +1,16 @@
+"""Import layering (README, Layout): the functional core never pulls in the ecosystem layers."""
+
+from __future__ import annotations
+
+
+def test_core_packages_import_no_ecosystem_layer():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fragdefense.regularizers, fragdefense.attacks, fragdefense.hessian, "
+        "fragdefense.influence, fragdefense.attributions; "
+        "bad = [m for m in ('lightning', 'torchmetrics', 'wandb', 'hydra') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
