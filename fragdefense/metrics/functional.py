@@ -226,8 +226,11 @@ def _count_inversions(y: Tensor) -> Tensor:
     hist.scatter_add_(1, _idx(cur), torch.ones_like(cur))
     pos = torch.arange(d, dtype=torch.int32, device=dev)
     sum_dtype = torch.int32 if d * (d + 1) // 2 < 2**31 else torch.long  # sum_i c_i <= D (D + 1) / 2
+    counts = [hist]  # counts[l][:, k]: values v with v >> l == k, i.e. by (group, bit) at level l
+    for _ in range(n_bits - 1):
+        counts.append(counts[-1].view(bsz, -1, 2).sum(-1, dtype=torch.int32))
     for lvl in range(n_bits - 1, -1, -1):
-        cnt = hist.view(bsz, n_val >> lvl, 1 << lvl).sum(-1, dtype=torch.int32) if lvl else hist  # by (group, bit)
+        cnt = counts[lvl]
         zeros, ones = cnt[:, 0::2], cnt[:, 1::2]
         ones_before = ones.cumsum(1, dtype=torch.int32) - ones  # OB(g)
         key = cur >> lvl  # 2 g + bit
