@@ -231,6 +231,119 @@ def test_kendall_inversions_brute_force_numpy(levels, d):
     assert MF._count_inversions(y).tolist() == brute
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_rank_corr_float32_keys_at_scale_match_scipy(dtype):
+    """The float32-key Kendall path and the threaded CPU sort, on 224 x 224 maps with negative values, signed
+    zeros (-0.0 == +0.0 is a tie) and tie-heavy rows; float16 also takes torch.sort instead of numpy."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(4, 224, 224, generator=g)
+    b = 0.5 * a + torch.randn(4, 224, 224, generator=g)
+    a[1] = torch.round(a[1] * 2)  # tie-heavy, many -0.0 and +0.0 ...
+    a[1, :112] = torch.where(a[1, :112] == 0, -0.0, a[1, :112])  # ... of both signs
+    b[2] = torch.floor(b[2] * 3)
+    a, b = a.to(dtype), b.to(dtype)
+    assert bool(torch.signbit(a[1]).logical_and(a[1] == 0).any())
+    for fn, ref in RANK_FNS:
+        out = fn(a, b)
+        assert out.dtype == dtype
+        # float16 only rounds the returned value (resolution 2**-11 near 0.5); the statistic itself is exact
+        np.testing.assert_allclose(out.double().numpy(), ref(a, b), atol=1e-6 if dtype == torch.float32 else 5e-4)
+        torch.testing.assert_close(out, fn(a.float(), b.float()).to(dtype), atol=0, rtol=0)
+
+
+def test_kendall_float64_rank_keys_match_scipy():
+    """float64 values that are not float32 (differences below float32 resolution) take the dense-rank keys."""
+    g = torch.Generator().manual_seed(22)
+    base = torch.rand(3, 400, generator=g, dtype=torch.float64)
+    a = 1.0 + base * 1e-9  # all equal once rounded to float32
+    b = base + 1e-10 * torch.rand(3, 400, generator=g, dtype=torch.float64)
+    a[2, ::3] = a[2, 0]  # ties in a
+    assert MF._float32_order_key(a) is None
+    np.testing.assert_allclose(kendall_tau(a, b).numpy(), _ref_kendall(a, b), atol=1e-12, rtol=0)
+    assert kendall_tau(a, b)[0] > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 17), (4, 20000), (1, 40000)])
+def test_sort_rows_matches_torch_sort(dtype, shape):
+    """numpy row sort (threaded above 2**15 elements) = torch.sort: values, and indices that reproduce them."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=g) * 10).round().to(dtype)  # with ties
+    if dtype.is_floating_point:
+        x[0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype)
+    x = x.t().contiguous().t()  # a non-contiguous view
+    x.requires_grad_(dtype.is_floating_point)
+    want = torch.sort(x.detach(), dim=-1).values
+    vals, idx = MF._sort_rows(x)
+    torch.testing.assert_close(vals, want, equal_nan=True, atol=0, rtol=0)
+    assert idx.dtype == torch.int64
+    torch.testing.assert_close(x.detach().gather(1, idx), want, equal_nan=True, atol=0, rtol=0)
+    assert torch.equal(torch.sort(idx, dim=-1).values, torch.arange(shape[1]).expand(shape))
+    only, none = MF._sort_rows(x, indices=False)
+    assert none is None
+    torch.testing.assert_close(only, want, equal_nan=True, atol=0, rtol=0)
+
+
+_FORK_X = torch.rand(4, 20000, generator=torch.Generator().manual_seed(24))
+
+
+def _child_sorts(q) -> None:  # runs in a forked child; numpy checks only (torch's OpenMP is not fork-safe)
+    vals, _ = MF._sort_rows(_FORK_X)
+    q.put(bool((vals.numpy() == np.sort(_FORK_X.numpy(), axis=-1)).all()))
+
+
+def test_sort_pool_survives_fork():
+    """A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads: it must rebuild
+    it instead of waiting forever on threads that do not exist."""
+    import multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        MF._sort_rows(_FORK_X)  # the parent's pool exists
+        assert MF._SORT_POOL is not None
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))  # the child inherits >= 2 threads, so it uses a pool
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_sorts, args=(q,))
+    p.start()
+    p.join(60)
+    torch.set_num_threads(threads)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive and p.exitcode == 0 and q.get(timeout=5)
+
+
+@pytest.mark.parametrize("levels", [None, 3, 1])
+def test_sum_tied_pairs_both_paths_brute_force(levels):
+    """Pairs of equal values per row, from the tie list (few ties) or the run starts (few runs)."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.rand(5, 301, generator=g)
+    if levels:
+        x = torch.floor(x * levels)
+    else:
+        x[1, 10:20] = 0.5  # a few ties
+        x[3, -2:] = 0.25  # a run at the end of a row
+        x[4, :2] = 0.75  # ... and at the start of the next
+    sv = torch.sort(x, dim=-1).values
+    tie = MF._flat_ties(sv.reshape(-1), 301)
+    brute = [sum(c * (c - 1) // 2 for c in np.unique(r, return_counts=True)[1]) for r in x.numpy()]
+    assert MF._sum_tied_pairs(tie, 5, 301).tolist() == brute
+
+
+def test_check_finite_overflowing_sum_still_exact():
+    """A sum that overflows to Inf is not taken as proof of a non-finite element."""
+    big = torch.full((2, 40), 6e4, dtype=torch.float16)  # finite, but the float16 sum overflows
+    big[1] = torch.arange(40, dtype=torch.float16)
+    assert spearman(big, big.flip(-1)).shape == (2,)
+    big[0, 5] = float("nan")
+    with pytest.raises(ValueError, match="`a` contains NaN"):
+        spearman(big, big)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # set metrics vs brute force
 # ------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,13 @@ __all__ = [
 
 
 def check_finite(a: Tensor, name: str) -> Tensor:
-    """Raise ``ValueError`` naming ``name`` if ``a`` holds NaN or Inf."""
+    """Raise ``ValueError`` naming ``name`` if ``a`` holds NaN or Inf.
+
+    A finite sum proves every element finite (NaN and Inf propagate through a sum) with one reduction and no
+    bool tensor; only a non-finite sum (non-finite input, or an overflowing sum) takes the elementwise test.
+    """
+    if a.numel() and bool(torch.isfinite(a.detach().sum())):
+        return a
     if not bool(torch.isfinite(a).all()):
         bad = "NaN" if bool(torch.isnan(a).any()) else "Inf"
         raise ValueError(f"`{name}` contains {bad} values; maps must be finite")
