@@ -181,8 +181,12 @@ def test_rank_corr_float32_same_as_float64(fn):
     torch.testing.assert_close(out.double(), fn(a.double(), b.double()), atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("sparse_fraction", [0.0, 0.125, 1.0], ids=["cummax", "auto", "sparse"])
-def test_average_ranks_both_tie_paths_match_scipy_rankdata(sparse_fraction):
+@pytest.mark.parametrize(
+    ("sparse_fraction", "runs_fraction"),
+    [(0.0, 0.0), (0.125, 0.25), (1.0, 0.0), (0.0, 1.0)],
+    ids=["cummax", "auto", "sparse", "runs"],
+)
+def test_average_ranks_all_tie_paths_match_scipy_rankdata(sparse_fraction, runs_fraction):
     g = torch.Generator().manual_seed(21)
     rows = [
         torch.rand(40, generator=g),  # no ties (a row the tie pass must leave alone)
@@ -194,14 +198,15 @@ def test_average_ranks_both_tie_paths_match_scipy_rankdata(sparse_fraction):
     ]
     x = torch.stack(rows)
     sv = torch.sort(x, dim=-1).values  # row 3 ends with 9s and row 4 starts with -9s: runs touch across rows
-    got = MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction)
+    got = MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction, runs_fraction=runs_fraction)
     want = torch.stack([torch.from_numpy(scipy.stats.rankdata(r.numpy())) for r in sv]) * 2 - 41
     assert got.dtype == torch.int32 and torch.equal(got.double(), want)
     # rows without ties next to rows with ties
     mixed = torch.stack([rows[0], rows[5], rows[0]])
     sv = torch.sort(mixed, dim=-1).values
     want = torch.stack([torch.from_numpy(scipy.stats.rankdata(r.numpy())) for r in sv]) * 2 - 41
-    assert torch.equal(MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction).double(), want)
+    got = MF._twice_centred_rank_sorted(sv, sparse_fraction=sparse_fraction, runs_fraction=runs_fraction)
+    assert torch.equal(got.double(), want)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -329,7 +334,7 @@ def test_sum_tied_pairs_both_paths_brute_force(levels):
         x[3, -2:] = 0.25  # a run at the end of a row
         x[4, :2] = 0.75  # ... and at the start of the next
     sv = torch.sort(x, dim=-1).values
-    tie = MF._flat_ties(sv.reshape(-1), 301)
+    tie = MF._flat_ties(sv)
     brute = [sum(c * (c - 1) // 2 for c in np.unique(r, return_counts=True)[1]) for r in x.numpy()]
     assert MF._sum_tied_pairs(tie, 5, 301).tolist() == brute
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -109,6 +110,7 @@ def _idx(t: Tensor) -> Tensor:
     return t if ok else t.long()
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
 _NUMPY_SORT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
 _SORT_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 _SORT_POOL_LOCK = threading.Lock()
@@ -181,16 +183,17 @@ def _tied_runs_sparse(tie: Tensor, d: int) -> tuple[Tensor, Tensor]:
     return torch.cat([row * d + p, row[first] * d + p_first - 1]), torch.cat([val[run], val])
 
 
-def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125) -> Tensor:
+def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125, runs_fraction: float = 0.25) -> Tensor:
     """``2 * r - (D + 1)`` for the 1-based average ("fractional") rank ``r`` of each element of the sorted
     rows ``sv`` ``(B, D)``, as exact int32.
 
     A run of ties at sorted positions ``s..e`` has ``r = (s + e) / 2 + 1``, so the result is ``s + e + 1 - D``;
     untied elements get ``2 * pos + 1 - D``. Only rows that contain ties are touched. When at most
     ``sparse_fraction`` of their neighbour pairs tie (continuous maps: a few float collisions) the runs are
-    resolved from the list of tied pairs, at a cost proportional to the ties; otherwise (quantised maps) ``s``
-    is a cumulative max of run-start positions and ``e`` the same on the reversed rows (as
-    ``e_rev = D - 1 - e``), giving ``s - e_rev``.
+    resolved from the list of tied pairs, at a cost proportional to the ties. When the runs are few (at most
+    ``runs_fraction`` of the elements start one: quantised maps) each run's value is computed once from the
+    list of run starts and repeated over its length. In between, ``s`` is a cumulative max of run-start
+    positions and ``e`` the same on the reversed rows (as ``e_rev = D - 1 - e``), giving ``s - e_rev``.
     """
     bsz, d = sv.shape
     ar = torch.arange(d, dtype=torch.int32, device=sv.device)
@@ -216,6 +219,17 @@ def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125) -> Te
         return out
     new = torch.ones(t.shape[0], d + 1, dtype=torch.bool, device=sv.device)  # new[:, i]: a run starts at i
     torch.logical_not(t, out=new[:, 1:d])
+    n_el = t.shape[0] * d
+    if n_el - n_tie <= runs_fraction * n_el:  # few runs: one value per run, repeated over its length
+        starts = new[:, :d].reshape(-1).nonzero().squeeze(1)  # flat; every row starts a run
+        length = torch.diff(starts, append=starts.new_full((1,), n_el))
+        val = (2 * (starts % d) + length - d).to(torch.int32)  # s + e + 1 - D with e = s + length - 1
+        ranks = torch.repeat_interleave(val, length, output_size=n_el).view(-1, d)
+        if all_rows:
+            return ranks
+        out = base.expand(bsz, d).clone()
+        out[rows] = ranks
+        return out
     start = (new[:, :d] * ar).cummax(dim=-1).values
     end_rev = (new[:, 1:].flip(-1) * ar).cummax(dim=-1).values.flip(-1)  # new[:, i+1]: a run ends at i
     if all_rows:
@@ -267,7 +281,7 @@ def _count_inversions(y: Tensor) -> Tensor:
     inv = torch.zeros(bsz, dtype=torch.long, device=dev)
     if d < 2 or bsz == 0:
         return inv
-    cur = y.to(torch.int32, copy=True)
+    cur = y.to(torch.int32, memory_format=torch.contiguous_format, copy=True)  # the levels overwrite it
     n_bits = int(cur.max()).bit_length()
     if n_bits == 0:
         return inv
@@ -276,7 +290,7 @@ def _count_inversions(y: Tensor) -> Tensor:
     # and int32 indices both take slow, allocating paths in torch; each fresh buffer costs page faults)
     idx64 = cur.long()
     hist = torch.zeros(bsz, n_val, dtype=torch.int32, device=dev)
-    hist.scatter_add_(1, idx64, torch.ones_like(cur))
+    hist.scatter_add_(1, idx64, torch.ones(1, 1, dtype=torch.int32, device=dev).expand_as(cur))
     pos = torch.arange(d, dtype=torch.int32, device=dev)
     sum_dtype = torch.int32 if d * (d + 1) // 2 < 2**31 else torch.long  # sum_i c_i <= D (D + 1) / 2
     off_dtype = torch.int32 if d * d // 4 < 2**31 else torch.long  # sum_g zeros(g) OB(g) <= n0 n1 <= D^2 / 4
@@ -334,12 +348,12 @@ def _sum_tied_pairs(tie: Tensor, bsz: int, d: int) -> Tensor:
     return out.index_add_(0, idx // d, ar - (ar * first).cummax(0).values + 1)
 
 
-def _flat_ties(sorted_flat: Tensor, d: int) -> Tensor:
-    """Flat bool ``(B * D,)``: True where a sorted element equals the previous one of its row."""
-    tie = torch.zeros(sorted_flat.numel(), dtype=torch.bool, device=sorted_flat.device)
-    torch.eq(sorted_flat[1:], sorted_flat[:-1], out=tie[1:])
-    tie[::d] = False
-    return tie
+def _flat_ties(sorted_rows: Tensor) -> Tensor:
+    """Flat bool ``(B * D,)`` for sorted rows ``(B, D)`` (any strides): True where an element equals the
+    previous one of its row."""
+    tie = torch.zeros(sorted_rows.shape, dtype=torch.bool, device=sorted_rows.device)
+    torch.eq(sorted_rows[:, 1:], sorted_rows[:, :-1], out=tie[:, 1:])
+    return tie.view(-1)
 
 
 def _float32_order_key(x: Tensor) -> Tensor | None:
@@ -348,11 +362,12 @@ def _float32_order_key(x: Tensor) -> Tensor | None:
     pattern made signed-monotone; ``-0.0`` becomes ``+0.0`` first so the two compare equal, as floats do."""
     if x.dtype == torch.float64:
         x32 = x.float()
-        if not torch.equal(x32.double(), x):
+        if not bool((x32 == x).all()):
             return None
+        x32.add_(0.0)  # turns -0.0 into +0.0
     else:
-        x32 = x.to(torch.float32)
-    bits = (x32 + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+        x32 = x.to(torch.float32) + 0.0  # a new tensor, -0.0 turned into +0.0
+    bits = x32.view(torch.int32)
     return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
 
 
@@ -536,22 +551,26 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     fa, fb = _flat(a), _flat(b)
     bsz, d = fa.shape
     sb, pb = _sort_rows(fb)
-    tie_b = _flat_ties(sb.view(-1), d)
+    tie_b = _flat_ties(sb)
     del sb
     yb = (~tie_b).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)  # dense rank of b, b-sorted order
     ka = _float32_order_key(fa)
     if ka is None:  # float64 values: a's dense ranks stand in for its keys
         sa, pa = _sort_rows(fa)
-        ra = (~_flat_ties(sa.view(-1), d)).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)
+        ra = (~_flat_ties(sa)).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)
         ka = torch.empty_like(ra).scatter_(1, pa, ra)
         del sa, pa, ra
     # one sort of (a, rank of b) keys gives Knight's lexicographic order; equal keys are tied in both
     joint, _ = _sort_rows(ka.gather(1, pb).long().bitwise_left_shift_(32).bitwise_or_(yb), indices=False)
     del pb, yb
-    y = joint.bitwise_and(0xFFFFFFFF).to(torch.int32)  # b's dense ranks in (a, b) order
-    tie_joint = _flat_ties(joint.view(-1), d)
-    tie_a = _flat_ties(joint.view(-1).bitwise_right_shift(32), d)
-    del joint
+    if _LITTLE_ENDIAN:  # the key's two 32-bit words as strided views, without copies
+        words = joint.reshape(-1).view(torch.int32).view(bsz, d, 2)
+        y, key_a = words[..., 0], words[..., 1]
+    else:  # pragma: no cover - no big-endian CI machine
+        y, key_a = joint.bitwise_and(0xFFFFFFFF).to(torch.int32), joint.bitwise_right_shift(32)
+    # y: b's dense ranks in (a, b) order
+    tie_joint = _flat_ties(joint)
+    tie_a = _flat_ties(key_a)
     n1 = _sum_tied_pairs(tie_a, bsz, d)
     n2 = _sum_tied_pairs(tie_b, bsz, d)
     n3 = _sum_tied_pairs(tie_joint, bsz, d)
