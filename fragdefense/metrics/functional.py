@@ -223,8 +223,15 @@ def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125, runs_
     if n_el - n_tie <= runs_fraction * n_el:  # few runs: one value per run, repeated over its length
         starts = new[:, :d].reshape(-1).nonzero().squeeze(1)  # flat; every row starts a run
         length = torch.diff(starts, append=starts.new_full((1,), n_el))
-        val = (2 * (starts % d) + length - d).to(torch.int32)  # s + e + 1 - D with e = s + length - 1
-        ranks = torch.repeat_interleave(val, length, output_size=n_el).view(-1, d)
+        s_pos = starts % d
+        val = (2 * s_pos + length - d).to(torch.int32)  # s + e + 1 - D with e = s + length - 1
+        # each run start holds the step from the previous run's value (the value itself at a row start); a
+        # cumulative sum along the rows spreads every run's value over the run
+        step = val.clone()
+        step[1:] -= torch.where(s_pos[1:] == 0, 0, val[:-1])
+        ranks = torch.zeros(t.shape[0], d, dtype=torch.int32, device=sv.device)
+        ranks.view(-1)[starts] = step
+        ranks = ranks.cumsum_(dim=1)
         if all_rows:
             return ranks
         out = base.expand(bsz, d).clone()
