@@ -91,25 +91,6 @@ def _topk_mask(flat: Tensor, k: int) -> Tensor:
     return gt | (eq & (eq.cumsum(dim=-1, dtype=torch.int32) <= n_eq_needed))
 
 
-_INT32_INDEX: dict[str, bool] = {}
-
-
-def _idx(t: Tensor) -> Tensor:
-    """An index tensor usable by gather/scatter: int32 where the installed torch accepts it on this device
-    (half the memory traffic of int64), else widened to int64."""
-    if t.dtype == torch.long:
-        return t
-    ok = _INT32_INDEX.get(t.device.type)
-    if ok is None:
-        try:
-            torch.zeros(2, device=t.device).gather(0, torch.zeros(1, dtype=torch.int32, device=t.device))
-            ok = True
-        except (RuntimeError, TypeError):  # pragma: no cover - depends on the torch version
-            ok = False
-        _INT32_INDEX[t.device.type] = ok
-    return t if ok else t.long()
-
-
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _NUMPY_SORT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
 _SORT_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
@@ -192,8 +173,9 @@ def _twice_centred_rank_sorted(sv: Tensor, sparse_fraction: float = 0.125, runs_
     ``sparse_fraction`` of their neighbour pairs tie (continuous maps: a few float collisions) the runs are
     resolved from the list of tied pairs, at a cost proportional to the ties. When the runs are few (at most
     ``runs_fraction`` of the elements start one: quantised maps) each run's value is computed once from the
-    list of run starts and repeated over its length. In between, ``s`` is a cumulative max of run-start
-    positions and ``e`` the same on the reversed rows (as ``e_rev = D - 1 - e``), giving ``s - e_rev``.
+    list of run starts and spread over the run by a cumulative sum along the row. In between, ``s`` is a
+    cumulative max of run-start positions and ``e`` the same on the reversed rows (as ``e_rev = D - 1 - e``),
+    giving ``s - e_rev``.
     """
     bsz, d = sv.shape
     ar = torch.arange(d, dtype=torch.int32, device=sv.device)
