@@ -26,6 +26,8 @@ declare -A REG=(
   [ig_norm]="regularizer=ig_norm regularizer.weight=0.1"
   [trades]="regularizer=trades"
   [cure]="regularizer=cure regularizer.weight=0.5"
+  [trades_eps2]="regularizer=trades regularizer.eps=2/255 regularizer.step_size=0.5/255"
+  [cure_w0.05]="regularizer=cure regularizer.weight=0.05"
 )
 for name in "$@"; do
   run="$OUT/$name"
