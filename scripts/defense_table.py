@@ -85,12 +85,22 @@ def to_markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     combos = sorted({(r["protocol"], r["method"]) for r in rows})
+    names = sorted({r["defense"] for r in rows})
+    color = dict(zip(names, plt.cm.tab20.colors * (len(names) // 20 + 1)))  # one colour per defense, all panels
     fig, axes = plt.subplots(1, len(combos), figsize=(4.5 * len(combos), 3.8), squeeze=False)
     for ax, (proto, method) in zip(axes[0], combos):
         sub = [r for r in rows if r["protocol"] == proto and r["method"] == method]
+        nat = next((r for r in sub if r["defense"] == "natural"), None)
+        if nat is not None:  # the goal: >= +10 points of top-k for <= 5 points of accuracy
+            x0, y0 = 100 * nat["test_acc"] - 5, nat["topk_intersection"] + 0.10
+            ax.fill_between([x0, 100 * nat["test_acc"] + 2], y0, 1.0, color="tab:green", alpha=0.08, lw=0)
         for r in sub:
-            ax.scatter(100 * r["test_acc"], r["topk_intersection"], s=40)
+            ax.scatter(100 * r["test_acc"], r["topk_intersection"], s=40, color=color[r["defense"]])
             ax.annotate(r["defense"], (100 * r["test_acc"], r["topk_intersection"]), fontsize=8)
+        top = max(r["topk_intersection"] for r in sub)
+        ax.set_ylim(min(r["topk_intersection"] for r in sub) - 0.03, top + 0.05)
+        if nat is not None:
+            ax.text(x0, top + 0.045, "goal\nregion", fontsize=7, color="tab:green", va="top")
         ax.set_xlabel("test accuracy (%)")
         ax.set_ylabel("top-k intersection under attack")
         ax.set_title(f"{proto}, {method}", fontsize=9)
