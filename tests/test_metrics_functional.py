@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import itertools
 import math
+import os
 import subprocess
 import sys
 
@@ -303,19 +304,17 @@ def test_sort_pool_survives_fork():
     import multiprocessing as mp
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
+    torch.set_num_threads(max(2, threads))  # the parent and the child sort on a pool
     try:
         MF._sort_rows(_FORK_X)  # the parent's pool exists
-        assert MF._SORT_POOL is not None
+        assert MF._SORT_POOL is not None and MF._SORT_POOL[0] == os.getpid()
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child_sorts, args=(q,))
+        p.start()
+        p.join(60)
     finally:
         torch.set_num_threads(threads)
-    torch.set_num_threads(max(2, threads))  # the child inherits >= 2 threads, so it uses a pool
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_sorts, args=(q,))
-    p.start()
-    p.join(60)
-    torch.set_num_threads(threads)
     alive = p.is_alive()
     if alive:
         p.kill()
@@ -331,8 +330,8 @@ def test_sum_tied_pairs_both_paths_brute_force(levels):
         x = torch.floor(x * levels)
     else:
         x[1, 10:20] = 0.5  # a few ties
-        x[3, -2:] = 0.25  # a run at the end of a row
-        x[4, :2] = 0.75  # ... and at the start of the next
+        x[3, -2:] = 2.0  # a run that ends its sorted row ...
+        x[4, :2] = -1.0  # ... next to one that starts the next sorted row
     sv = torch.sort(x, dim=-1).values
     tie = MF._flat_ties(sv)
     brute = [sum(c * (c - 1) // 2 for c in np.unique(r, return_counts=True)[1]) for r in x.numpy()]
@@ -340,13 +339,20 @@ def test_sum_tied_pairs_both_paths_brute_force(levels):
 
 
 def test_check_finite_overflowing_sum_still_exact():
-    """A sum that overflows to Inf is not taken as proof of a non-finite element."""
+    """A sum that overflows to Inf is not taken as proof of a non-finite element (kendall_tau checks up front)."""
+    from fragdefense.metrics._checks import check_finite
+
     big = torch.full((2, 40), 6e4, dtype=torch.float16)  # finite, but the float16 sum overflows
     big[1] = torch.arange(40, dtype=torch.float16)
-    assert spearman(big, big.flip(-1)).shape == (2,)
+    assert not torch.isfinite(big.sum())
+    assert check_finite(big, "a") is big
+    assert kendall_tau(big, big.flip(-1)).shape == (2,)
     big[0, 5] = float("nan")
     with pytest.raises(ValueError, match="`a` contains NaN"):
-        spearman(big, big)
+        kendall_tau(big, big)
+    big[0, 5] = float("-inf")
+    with pytest.raises(ValueError, match="`b` contains Inf"):
+        kendall_tau(big.abs().clamp_max(1), big)
 
 
 # ------------------------------------------------------------------------------------------------------------
