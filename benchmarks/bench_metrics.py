@@ -32,7 +32,7 @@ import scipy.stats
 import torch
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
-from fragdefense.metrics.functional import _sort_rows, kendall_tau, lens_topk, spearman, topk_intersection
+from fragdefense.metrics.functional import _kth_largest, _sort_rows, kendall_tau, lens_topk, spearman, topk_intersection
 
 THREADS = 2
 
@@ -74,7 +74,8 @@ def _run_case(
         t0 = time.perf_counter()
         out = fn()
         times[name].append(time.perf_counter() - t0)  # first call counts only if the method is slow
-        if reference is not None and isinstance(out, (torch.Tensor, np.ndarray)):
+        # lens_topk rows time a different metric on the same maps: no reference for them
+        if reference is not None and isinstance(out, (torch.Tensor, np.ndarray)) and "lens" not in name:
             diffs[name] = float(np.max(np.abs(np.asarray(torch.as_tensor(out).double()) - reference)))
     slow_names = {name for name, ts in times.items() if ts[0] > slow}
     for name in times:
@@ -101,16 +102,20 @@ def main() -> None:
     parser.add_argument("--slow", type=float, default=3.0, help="seconds: slower methods run only twice")
     parser.add_argument("--quick", action="store_true", help="3 rounds, small cases only")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (default 2)")
+    parser.add_argument(
+        "--only", default="spearman,topk,kendall", help="comma-separated metric families to run (default: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_start = os.getloadavg()[0]
     rounds = 3 if args.quick else args.rounds
+    only = {f.strip() for f in args.only.split(",")}
 
     sizes = [(256, 32, 100)] if args.quick else [(256, 32, 100), (32, 224, 1000)]
     rows = []
     for bsz, side, k in sizes:
-        for kind, levels in (("random", None), ("ties:8 levels", 8)):
+        for kind, levels in (("random", None), ("ties:8 levels", 8)) if "spearman" in only else ():
             a, b = _maps(bsz, side, 1, levels), _maps(bsz, side, 2, levels)
             b = torch.where(torch.rand(a.shape) < 0.5, a, b)  # partially agreeing maps
             at, bt = a.reshape(bsz, -1).T.contiguous(), b.reshape(bsz, -1).T.contiguous()
@@ -128,6 +133,8 @@ def main() -> None:
                 rounds,
                 args.slow,
             )
+        if "topk" not in only:
+            continue
         a, b = _maps(bsz, side, 3), _maps(bsz, side, 4)
         b = torch.where(torch.rand(a.shape) < 0.5, a, b)
         rows += _run_case(
@@ -138,15 +145,20 @@ def main() -> None:
                     "floor: torch.topk a,b",
                     lambda a=a, b=b, k=k: (torch.topk(a.flatten(1), k), torch.topk(b.flatten(1), k)),
                 ),
+                (
+                    "floor: our k-th value a,b",
+                    lambda a=a, b=b, k=k: (_kth_largest(a.flatten(1), k), _kth_largest(b.flatten(1), k)),
+                ),
                 ("numpy argpartition loop", lambda a=a, b=b, k=k: _numpy_topk_loop(a, b, k)),
                 ("fragdefense lens_topk w=1", lambda a=a, b=b, k=k: lens_topk(a, b, k, 1)),
                 ("fragdefense lens_topk w=1 diverse", lambda a=a, b=b, k=k: lens_topk(a, b, k, 1, diverse=True)),
             ],
-            None,
+            _numpy_topk_loop(a, b, k),  # continuous maps: no ties, so argpartition's sets are exact
             rounds,
             args.slow,
         )
     kendall_cases = [(64, 16, True), (256, 32, False)] + ([] if args.quick else [(32, 224, False)])
+    kendall_cases = kendall_cases if "kendall" in only else []
     for bsz, side, with_tm in kendall_cases:
         a, b = _maps(bsz, side, 5), _maps(bsz, side, 6)
         b = torch.where(torch.rand(a.shape) < 0.5, a, b)

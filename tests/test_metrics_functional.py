@@ -376,6 +376,34 @@ def test_topk_intersection_brute_force(levels, k):
         assert out[i].item() == pytest.approx(len(_bf_topk(xa, k) & _bf_topk(xb, k)) / k, abs=1e-12)
 
 
+def _ref_topk_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: a stable descending sort puts equal values in index order, so its first k are the top-k set
+    with ties broken towards the lower index."""
+    order = torch.sort(flat.double(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros(flat.shape, dtype=torch.bool).scatter_(1, order, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(6, 50), (4, 20000)])  # the second is above the threaded-path threshold
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_topk_mask_matches_stable_sort(dtype, shape, k):
+    """Every path of ``_topk_mask`` (numpy selection on CPU float32/64, torch.topk otherwise; rows without and
+    with surplus ties at the k-th value in one batch; threaded and not; non-contiguous input) selects the
+    same set as a stable sort. The numpy path is also checked against the torch.topk path directly."""
+    g = torch.Generator().manual_seed(shape[1] + k)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    x[1] = torch.floor(x[1] * 3)  # heavy ties at the k-th value
+    x[2] = 0.0  # a constant row: the first k pixels
+    x[3, ::2] = -0.0  # both zeros compare equal
+    x = x.to(dtype)
+    expected = _ref_topk_mask(x, k)
+    torch.testing.assert_close(MF._topk_mask(x, k), expected, atol=0, rtol=0)
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    torch.testing.assert_close(MF._topk_mask(xt, k), expected, atol=0, rtol=0)
+    kth_torch = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    torch.testing.assert_close(MF._kth_largest(x, k), kth_torch, atol=0, rtol=0)
+
+
 def test_topk_tie_break_is_lower_index():
     a = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
     b = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]])
