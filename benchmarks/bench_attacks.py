@@ -11,7 +11,10 @@ Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attacks.py`` (ratios are 
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,17 +23,21 @@ from fragdefense.attributions import attribute, to_map
 from fragdefense.models import create_model, to_softplus
 
 
-def timeit(fn, repeat: int = 3) -> float:
+def _time(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def timeit(fn: Callable[[], object], repeat: int = 3) -> float:
     fn()  # warm-up
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    return statistics.median(_time(fn) for _ in range(repeat))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds for the per-iteration ratio")
+    args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = create_model("small_cnn", num_classes=10, width=32).eval()
@@ -48,7 +55,10 @@ def main() -> None:
         torch.autograd.grad(-(m * bmask).sum(), xg)
 
     n_floor = 10
-    t_floor = timeit(lambda: [floor_step() for _ in range(n_floor)]) / n_floor
+
+    def floor() -> None:
+        for _ in range(n_floor):
+            floor_step()
 
     def attack(steps: int, check_every: int, xb: torch.Tensor = x) -> None:
         attack_interpretation(
@@ -63,12 +73,24 @@ def main() -> None:
             check_every=check_every,
         )
 
-    rows = []
-    for ce in (1, 5):
-        t_lo = timeit(lambda ce=ce: attack(5, ce))
-        t_hi = timeit(lambda ce=ce: attack(25, ce))
-        per_it = (t_hi - t_lo) / 20
-        rows.append((ce, per_it, per_it / t_floor))
+    # Round-robin: every round times the floor and each attack length once, so a load change on a shared
+    # machine hits all of them alike; each ratio is formed within a round and the median over rounds is shown.
+    floor()  # warm-up
+    attack(5, 1)
+    t_floor_r: list[float] = []
+    per_it: dict[int, list[float]] = {1: [], 5: []}
+    ratio: dict[int, list[float]] = {1: [], 5: []}
+    for _ in range(args.rounds):
+        tf = _time(floor) / n_floor
+        t_floor_r.append(tf)
+        for ce in (1, 5):
+            t_lo = _time(lambda ce=ce: attack(5, ce))
+            t_hi = _time(lambda ce=ce: attack(25, ce))
+            it = (t_hi - t_lo) / 20
+            per_it[ce].append(it)
+            ratio[ce].append(it / tf)
+    t_floor = statistics.median(t_floor_r)
+    rows = [(ce, statistics.median(per_it[ce]), ratio[ce]) for ce in (1, 5)]
 
     steps = 10
     t_batch = timeit(lambda: attack(steps, 1), repeat=1)
@@ -80,10 +102,12 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; small_cnn width 32, 64 images 3x32x32, "
         "saliency, top-k attack, k=100"
     )
-    print(f"floor: forward + double-backward of the batch = {1000 * t_floor:.1f} ms")
-    print(f"{'setting':40s} {'ms / iteration':>15s} {'x floor':>8s}  goal <= 1.3x")
-    for ce, per_it, ratio in rows:
-        print(f"{f'attack iteration, check_every={ce}':40s} {1000 * per_it:15.1f} {ratio:8.2f}")
+    print(f"floor: forward + double-backward of the batch = {1000 * t_floor:.1f} ms (median of {args.rounds} rounds)")
+    print(f"{'setting':40s} {'ms / iteration':>15s} {'x floor':>8s}  {'range over rounds':>18s}  goal <= 1.3x")
+    for ce, it, rs in rows:
+        spread = f"{min(rs):.2f}-{max(rs):.2f}"
+        name = f"attack iteration, check_every={ce}"
+        print(f"{name:40s} {1000 * it:15.1f} {statistics.median(rs):8.2f}  {spread:>18s}")
     print(f"\nbatched vs per-image loop ({steps} iterations, check_every=1):")
     print(f"  64 images as one batch: {t_batch:.2f} s")
     print(f"  loop over single images: {t_loop:.2f} s (measured on {n_loop} images, scaled to 64)")
