@@ -402,6 +402,8 @@ def test_topk_mask_matches_stable_sort(dtype, shape, k):
     torch.testing.assert_close(MF._topk_mask(xt, k), expected, atol=0, rtol=0)
     kth_torch = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     torch.testing.assert_close(MF._kth_largest(x, k), kth_torch, atol=0, rtol=0)
+    # the branch-free form that non-CPU devices run on the whole batch
+    torch.testing.assert_close(MF._topk_mask_ties(x, kth_torch, k), expected, atol=0, rtol=0)
 
 
 def test_topk_tie_break_is_lower_index():
