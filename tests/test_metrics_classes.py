@@ -60,8 +60,14 @@ def test_accumulate_equals_functional_mean_and_per_sample(name):
     for a, b in batches:
         m.update(a, b)
     torch.testing.assert_close(m.compute(), expected.mean().float(), atol=1e-6, rtol=0)
-    torch.testing.assert_close(m.compute_per_sample(), expected)
+    # per-sample values are kept in the metric's dtype (float32 by default) ...
+    torch.testing.assert_close(m.compute_per_sample(), expected.float())
     assert int(m.count) == a_all.shape[0]
+    # ... and set_dtype(float64) keeps the functional core's float64 values exactly
+    m64 = make(per_sample=True).set_dtype(torch.float64)
+    for a, b in batches:
+        m64.update(a, b)
+    torch.testing.assert_close(m64.compute_per_sample(), expected, atol=0, rtol=0)
 
     plain = make()
     for a, b in batches:
@@ -97,7 +103,7 @@ def test_reset(name):
     with pytest.raises(RuntimeError, match="no samples"), pytest.warns(UserWarning):
         m.compute()
     m.update(c, d)
-    torch.testing.assert_close(m.compute_per_sample(), ref(c, d))
+    torch.testing.assert_close(m.compute_per_sample(), ref(c, d).float())
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -127,7 +133,7 @@ def test_merge_state_like_ddp(name):
     expected = torch.cat([ref(a, b), ref(c, d)])
     torch.testing.assert_close(r0.compute(), expected.mean().float(), atol=1e-6, rtol=0)
     # merged samples are all there (the order across ranks is torchmetrics' business)
-    torch.testing.assert_close(r0.compute_per_sample().sort().values, expected.sort().values)
+    torch.testing.assert_close(r0.compute_per_sample().sort().values, expected.float().sort().values)
 
 
 def test_constructor_validation():
@@ -168,3 +174,66 @@ def test_class_doctests_run():
 
     res = doctest.testmod(_classes, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted >= 7 and res.failed == 0
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One process of a real gloo group: rank 0 scores float64 maps, rank 1 float16 maps or nothing."""
+    import json
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", message=".*called before the ``update``")  # rank 1 in "rank1_empty"
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {}
+        for case in ("both", "rank1_empty"):
+            for name in ("spearman", "kendall", "topk", "mask_mass"):
+                make, _, kind, _ = CASES[name]
+                m = make(per_sample=True)
+                (a, b), (c, d) = _batches(kind, sizes=(5, 3))
+                if rank == 0:
+                    m.update(a, b)
+                elif case == "both":
+                    m.update(c.half(), d.half() if d.is_floating_point() else d)
+                result[f"{case}/{name}"] = {
+                    "mean": float(m.compute()),
+                    "per_sample": sorted(m.compute_per_sample().tolist()),
+                }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_ddp_gather_with_mixed_dtypes_and_an_empty_rank(tmp_path):
+    """Two gloo processes: the mean and the per-sample values are the union over both processes, also when
+    the processes' maps have different dtypes (float64 / float16) and when one process saw no sample (its
+    per-sample list is torchmetrics' empty stand-in in the metric's dtype: a dtype mismatch aborts gloo)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in ("spearman", "kendall", "topk", "mask_mass"):
+        _, ref, kind, _ = CASES[name]
+        (a, b), (c, d) = _batches(kind, sizes=(5, 3))
+        v0 = ref(a, b)
+        v1 = ref(c.half(), d.half() if d.is_floating_point() else d).double()
+        for case, values in (("both", torch.cat([v0, v1])), ("rank1_empty", v0)):
+            for r in range(2):  # every process sees the same synced result
+                got = res[r][f"{case}/{name}"]
+                assert got["mean"] == pytest.approx(float(values.mean()), abs=1e-6), (case, name, r)
+                torch.testing.assert_close(
+                    torch.tensor(got["per_sample"], dtype=torch.float64),
+                    values.float().sort().values.double(),
+                    atol=1e-6,
+                    rtol=0,
+                )

@@ -3,7 +3,9 @@
 Every class computes per-sample values with the functional core in ``update`` and keeps two states,
 ``sum`` (float64) and ``count`` (int64), both reduced with ``"sum"`` across processes, so the mean is exact
 under DDP whatever the per-rank batch sizes. With ``per_sample=True`` it also keeps the list state
-``values`` (reduced with ``"cat"``), read back with :meth:`compute_per_sample`.
+``values`` (reduced with ``"cat"``), read back with :meth:`compute_per_sample`; the values are kept in the
+metric's dtype (``metric.dtype``: float32 unless ``metric.set_dtype(torch.float64)``), so every process gathers
+the same dtype, including a process that saw no sample.
 
 MPS has no float64: call ``metric.set_dtype(torch.float32)`` after moving a metric there.
 """
@@ -63,7 +65,10 @@ class _PerSampleMean(Metric):
         self.sum += v.sum(dtype=self.sum.dtype)
         self.count += v.numel()
         if self.per_sample:
-            self.values.append(v)
+            # stored in the metric's dtype (float32 unless ``set_dtype``): under DDP a process that saw no
+            # sample contributes torchmetrics' empty stand-in of that dtype, and every process must gather one
+            # dtype (float64 or float16 values next to the float32 stand-in abort gloo's all-gather)
+            self.values.append(v.to(self.dtype))
 
     def compute(self) -> Tensor:
         """Mean score over every sample seen since the last :meth:`reset` (all processes under DDP)."""
@@ -86,7 +91,7 @@ class _PerSampleMean(Metric):
             if isinstance(values, Tensor):
                 out = values
             elif len(values) == 0:
-                out = torch.empty(0, dtype=torch.get_default_dtype(), device=self.sum.device)
+                out = torch.empty(0, dtype=self.dtype, device=self.sum.device)
             else:
                 out = dim_zero_cat(values)
             return out.clone()
