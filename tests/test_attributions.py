@@ -417,6 +417,32 @@ def test_to_map_reductions_and_normalisation():
     assert torch.isfinite(g).all() and (g[1] == 0).all() and g[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_to_map_low_precision_normalises_in_float32(dtype):
+    """A half-precision map of a 224 x 224 image has a total mass far above float16's 65504: summed in its own
+    dtype the mass overflows to inf and the map silently becomes zero. It is normalised in float32 instead
+    and returned in the attribution's dtype."""
+    a = torch.ones(2, 3, 224, 224, dtype=dtype)
+    a[1] *= 8.0
+    m = to_map(a)
+    assert m.dtype == dtype and torch.isfinite(m).all()
+    torch.testing.assert_close(m.float().sum((1, 2)), torch.ones(2), atol=1e-2, rtol=0)
+    torch.testing.assert_close(m.float(), to_map(a.float()), atol=0, rtol=0.01)
+    for reduce in ("abs_mean", "sum"):
+        torch.testing.assert_close(to_map(a, reduce).float(), to_map(a.float(), reduce), atol=0, rtol=0.01)
+
+
+def test_to_map_non_finite_attribution_gives_nan_map_that_metrics_reject():
+    a = torch.rand(2, 3, 4, 4)
+    a[0, 1, 2, 2] = float("inf")
+    m = to_map(a)
+    assert torch.isnan(m[0, 2, 2]) and torch.isfinite(m[1]).all()  # documented: only that image's map
+    from fragdefense.metrics.functional import spearman
+
+    with pytest.raises(ValueError, match="`a` contains NaN"):
+        spearman(m, m)
+
+
 # ----------------------------------------------------------------------------- registry / errors
 
 

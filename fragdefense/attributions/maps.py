@@ -23,7 +23,10 @@ def to_map(attr: Tensor, reduce: Reduce = "abs_sum", normalize: bool = True) -> 
     ``normalize=True`` divides each map by the sum of its absolute values, ``S / sum_ij |S_ij|``: a
     non-negative map then sums to 1 (a signed ``"sum"`` map has absolute values summing to 1).
     An all-zero map has no mass to normalise and **stays all zero** (never NaN, zero gradient).
-    Differentiable (``|.|`` has subgradient 0 at 0).
+    Differentiable (``|.|`` has subgradient 0 at 0). float16/bfloat16 attributions are reduced and normalised
+    in float32 (a half-precision total mass overflows to ``inf`` already at 224 x 224) and returned in their
+    own dtype. Non-finite attributions (NaN, Inf) give that image a non-finite map (NaN where the input was
+    not finite); the metrics in :mod:`fragdefense.metrics` reject such maps with a ``ValueError``.
 
     Args:
         attr: attribution ``(B, C, H, W)`` (e.g. from :func:`~fragdefense.attributions.saliency`).
@@ -48,15 +51,17 @@ def to_map(attr: Tensor, reduce: Reduce = "abs_sum", normalize: bool = True) -> 
         raise ValueError(f"`attr` must have shape (B, C, H, W), got shape {tuple(attr.shape)}")
     if not attr.is_floating_point():
         raise TypeError(f"`attr` must have a floating dtype, got {attr.dtype}")
-    if reduce == "abs_sum":
-        m = attr.abs().sum(dim=1)
-    elif reduce == "abs_mean":
-        m = attr.abs().mean(dim=1)
-    elif reduce == "sum":
-        m = attr.sum(dim=1)
-    else:
+    if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
-    if not normalize:
-        return m
-    mass = m.abs().sum(dim=(1, 2), keepdim=True)
-    return m / torch.where(mass > 0, mass, torch.ones_like(mass))
+    low = attr.dtype in (torch.float16, torch.bfloat16)
+    x = attr.float() if low else attr
+    if reduce == "abs_sum":
+        m = x.abs().sum(dim=1)
+    elif reduce == "abs_mean":
+        m = x.abs().mean(dim=1)
+    else:
+        m = x.sum(dim=1)
+    if normalize:
+        mass = m.abs().sum(dim=(1, 2), keepdim=True)
+        m = m / torch.where(mass > 0, mass, torch.ones_like(mass))
+    return m.to(attr.dtype) if low else m
