@@ -633,6 +633,53 @@ def test_property_lens_bounds_identity_and_duality(x, window, k):
     assert bool((rec >= topk_intersection(a, b, k)).all())  # a window can only add hits
 
 
+_NONNEG_MAPS = hnp.arrays(
+    np.float64,
+    st.tuples(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7)),
+    elements=st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0, 10, allow_nan=False, width=32)),
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(_NONNEG_MAPS, st.data())
+def test_property_center_shift_metric_properties_and_brute_force(x, data):
+    """Non-negative, symmetric, 0 on identical maps, at most the image diagonal, and the centre of mass equal to
+    the weighted mean of pixel coordinates (the image centre for an all-zero map)."""
+    a = torch.from_numpy(x)
+    b = torch.from_numpy(data.draw(hnp.arrays(np.float64, x.shape, elements=st.floats(0, 10, width=32))))
+    _, h, w = a.shape
+    ab = center_shift(a, b)
+    torch.testing.assert_close(ab, center_shift(b, a), atol=1e-12, rtol=0)
+    assert bool((ab >= 0).all()) and bool((ab <= math.hypot(h - 1, w - 1) + 1e-9).all())
+    assert center_shift(a, a).tolist() == [0.0] * a.shape[0]
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    for i, m in enumerate(x):
+        total = m.sum()
+        ref = [(h - 1) / 2, (w - 1) / 2] if total == 0 else [(m * rows).sum() / total, (m * cols).sum() / total]
+        np.testing.assert_allclose(center_of_mass(a)[i].numpy(), ref, atol=1e-9, rtol=0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(_NONNEG_MAPS, st.data())
+def test_property_mask_mass_and_pointing_game_bounds_and_brute_force(x, data):
+    """mask_mass is in [0, 1], complementary masks add up to 1 (0 for an all-zero map), and both metrics equal a
+    per-map Python reference (pointing game: first maximum, constant maps score 0)."""
+    a = torch.from_numpy(x)
+    mask = torch.from_numpy(data.draw(hnp.arrays(np.bool_, x.shape)))
+    mm, mm_out = mask_mass(a, mask), mask_mass(a, ~mask)
+    assert bool(((mm >= 0) & (mm <= 1)).all())
+    pg = pointing_game(a, mask)
+    assert set(pg.tolist()) <= {0.0, 1.0}
+    for i, m in enumerate(x):
+        total = m.sum()
+        keep = mask[i].numpy()
+        assert mm[i].item() == pytest.approx(0.0 if total == 0 else m[keep].sum() / total, abs=1e-12)
+        assert mm[i].item() + mm_out[i].item() == pytest.approx(0.0 if total == 0 else 1.0, abs=1e-12)
+        flat = m.reshape(-1)
+        hit = 0.0 if flat.min() == flat.max() else float(keep.reshape(-1)[int(np.argmax(flat))])
+        assert pg[i].item() == hit
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------------------
