@@ -157,12 +157,19 @@ def main() -> None:
             rounds,
             args.slow,
         )
-    kendall_cases = [(64, 16, True), (256, 32, False)] + ([] if args.quick else [(32, 224, False)])
+    # (maps, side, torchmetrics too, true float64 values): float32-valued maps take kendall's float32-key path,
+    # true float64 maps need a third sort (a's dense ranks)
+    kendall_cases = [(64, 16, True, False), (256, 32, False, False)]
+    kendall_cases += [] if args.quick else [(32, 224, False, False), (32, 224, False, True)]
     kendall_cases = kendall_cases if "kendall" in only else []
-    for bsz, side, with_tm in kendall_cases:
+    for bsz, side, with_tm, true64 in kendall_cases:
         a, b = _maps(bsz, side, 5), _maps(bsz, side, 6)
         b = torch.where(torch.rand(a.shape) < 0.5, a, b)
         a64, b64 = a.double(), b.double()
+        if true64:  # values below float32 resolution
+            a64 = a64 + torch.rand(a.shape, dtype=torch.float64) * 1e-9
+            b64 = torch.where(b64 == a.double(), a64, b64 + torch.rand(a.shape, dtype=torch.float64) * 1e-9)
+            a, b = a64, b64
         methods = [
             ("fragdefense kendall_tau", lambda a=a64, b=b64: kendall_tau(a, b)),
             ("scipy.stats.kendalltau loop", lambda a=a, b=b: _scipy_loop(scipy.stats.kendalltau, a, b)),
@@ -171,7 +178,7 @@ def main() -> None:
             at, bt = a64.reshape(bsz, -1).T.contiguous(), b64.reshape(bsz, -1).T.contiguous()
             methods.append(("torchmetrics kendall_rank_corrcoef", lambda at=at, bt=bt: kendall_rank_corrcoef(at, bt)))
         rows += _run_case(
-            f"kendall {bsz}x{side}x{side}",
+            f"kendall {bsz}x{side}x{side}" + (" float64" if true64 else ""),
             methods,
             _scipy_loop(scipy.stats.kendalltau, a, b),
             rounds,
