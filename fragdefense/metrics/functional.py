@@ -390,6 +390,11 @@ def _flat_ties(sorted_rows: Tensor) -> Tensor:
     return tie.view(-1)
 
 
+def _dense_rank_sorted(tie: Tensor, bsz: int, d: int) -> Tensor:
+    """0-based dense ranks ``(B, D)`` int32 of sorted rows, in sorted order, from their flat ``_flat_ties``."""
+    return (~tie).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)
+
+
 def _float32_order_key(x: Tensor) -> Tensor | None:
     """int32 keys ``(B, D)`` ordered like the values of ``x``, or ``None`` unless every value is exactly a
     float32 (float32/16/bfloat16 maps always; float64 maps when they round-trip). The key is the float32 bit
@@ -587,11 +592,11 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     sb, pb = _sort_rows(fb)
     tie_b = _flat_ties(sb)
     del sb
-    yb = (~tie_b).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)  # dense rank of b, b-sorted order
+    yb = _dense_rank_sorted(tie_b, bsz, d)  # dense rank of b, b-sorted order
     ka = _float32_order_key(fa)
     if ka is None:  # float64 values: a's dense ranks stand in for its keys
         sa, pa = _sort_rows(fa)
-        ra = (~_flat_ties(sa)).view(bsz, d).cumsum(dim=-1, dtype=torch.int32).sub_(1)
+        ra = _dense_rank_sorted(_flat_ties(sa), bsz, d)
         ka = torch.empty_like(ra).scatter_(1, pa, ra)
         del sa, pa, ra
     # one sort of (a, rank of b) keys gives Knight's lexicographic order; equal keys are tied in both
