@@ -1,4 +1,5 @@
-"""Locating the YAML configs and composing them outside of ``@hydra.main`` (tests, notebooks)."""
+"""Locating the packaged YAML configs (``fragdefense/configs``) and composing them outside of ``@hydra.main``
+(tests, notebooks)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ __all__ = ["config_dir", "compose_config"]
 
 
 def config_dir() -> str:
-    """Absolute path of the ``configs/`` folder (``$FRAGDEFENSE_CONFIG_DIR`` overrides)."""
+    """Absolute path of the packaged ``fragdefense/configs/`` folder (``$FRAGDEFENSE_CONFIG_DIR`` overrides).
+
+    The YAML files ship inside the package (wheel and editable installs alike), so the commands find them
+    from any working directory.
+    """
     env = os.environ.get("FRAGDEFENSE_CONFIG_DIR")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    candidates.append(Path(__file__).resolve().parents[1] / "configs")
     for c in candidates:
         if (c / "train.yaml").is_file():
             return str(c)
     raise FileNotFoundError(
-        "cannot find the fragdefense configs (train.yaml); install from a clone with `pip install -e .` "
-        "or set FRAGDEFENSE_CONFIG_DIR to the repository's configs/ folder"
+        f"cannot find the fragdefense configs (train.yaml) in {', '.join(str(c) for c in candidates)}; "
+        "the installed package is incomplete (reinstall fragdefense) or FRAGDEFENSE_CONFIG_DIR points elsewhere"
     )
 
 
