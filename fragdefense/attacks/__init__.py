@@ -10,9 +10,31 @@ from fragdefense.attacks.interpretation import (
     beta_schedule,
 )
 from fragdefense.attacks.pgd import pgd_attack
+from fragdefense.attacks.registry import (
+    ATTACKS,
+    AttackContext,
+    AttackSpec,
+    get_attack,
+    get_criterion,
+    list_attacks,
+    list_criteria,
+    register_attack,
+    register_criterion,
+    unregister_attack,
+)
 from fragdefense.attacks.threat import L2Threat, LinfThreat, ThreatModel, make_threat
 
 __all__ = [
+    "ATTACKS",
+    "AttackContext",
+    "AttackSpec",
+    "get_attack",
+    "get_criterion",
+    "list_attacks",
+    "list_criteria",
+    "register_attack",
+    "register_criterion",
+    "unregister_attack",
     "CRITERIA",
     "INTERPRETATION_ATTACKS",
     "PROTOCOLS",

@@ -27,7 +27,7 @@ Explanation-side defenses (:mod:`fragdefense.attributions.robust`, listed by
 =======================  =============  ==========================================================
 ``beta_smooth``          yes (exact)    gradient of the softplus(beta) copy (Dombrowski et al.)
 ``uniform_grad``         yes            mean gradient over uniform noise in an L-inf / L2 ball
-``local_smooth``         yes (unrolled) mask learned over noisy copies with an L1 penalty (seed 004)
+``local_smooth``         yes (unrolled) mask learned over noisy copies with an L1 penalty
 =======================  =============  ==========================================================
 
 :func:`to_map` reduces channels (default ``sum_c |a_c|``) and normalises each map to sum 1.
@@ -50,7 +50,11 @@ from fragdefense.attributions.registry import (
     ATTRIBUTIONS,
     ROBUST_ATTRIBUTIONS,
     AttributionFn,
+    AttributionSpec,
     attribute,
+    register_attribution,
+    resolve_attribution,
+    unregister_attribution,
     get_attribution,
     list_attributions,
     list_robust_attributions,
@@ -70,6 +74,10 @@ from fragdefense.attributions.smoothgrad import SMOOTHGRAD_VARIANTS, smoothgrad
 __all__ = [
     "ATTRIBUTIONS",
     "AttributionFn",
+    "AttributionSpec",
+    "register_attribution",
+    "resolve_attribution",
+    "unregister_attribution",
     "BALLS",
     "CREATE_GRAPH_METHODS",
     "IG_METHODS",

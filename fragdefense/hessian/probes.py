@@ -1,4 +1,4 @@
-"""Probes of the geometric explanation of fragility (Ghorbani et al., REFERENCE.md section 6).
+"""Probes of the geometric explanation of fragility (Ghorbani et al.; ``docs/background.md`` §6).
 
 A perturbation ``delta`` moves the input gradient of the logit ``s_c`` by ``H delta + O(|delta|^2)`` (``H`` its
 input Hessian; zero almost everywhere for a ReLU network, so the probes use the softplus(beta) surrogate).
@@ -27,7 +27,7 @@ from fragdefense.attributions import to_map
 from fragdefense.hessian.eigen import EigenResult, Which, lanczos
 from fragdefense.hessian.hvp import Objective, eval_mode, input_hessian
 from fragdefense.metrics import functional as MF
-from fragdefense.models.softplus import count_relus, to_softplus
+from fragdefense.models.surrogate import softplus_surrogate
 from fragdefense.utils.checks import check_int_in_range
 
 __all__ = [
@@ -42,10 +42,12 @@ __all__ = [
 
 
 def surrogate(model: nn.Module, beta: float | None) -> nn.Module:
-    """The softplus(beta) surrogate of ``model`` (``beta=None`` or a model without ReLU: ``model`` itself)."""
-    if beta is None or count_relus(model) == 0:
+    """The softplus(beta) surrogate of ``model`` (:func:`fragdefense.models.softplus_surrogate`: every ReLU call,
+    module or functional, smoothed; parameters shared). ``beta=None``: ``model`` itself; a model that calls no
+    ReLU is evaluated unchanged by the surrogate."""
+    if beta is None:
         return model
-    return to_softplus(model, float(beta)).eval()
+    return softplus_surrogate(model, float(beta))
 
 
 def spearman_1d(a: Tensor, b: Tensor) -> float:

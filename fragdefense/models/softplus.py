@@ -1,4 +1,4 @@
-"""Softplus surrogate of a ReLU network (REFERENCE.md section 2).
+"""Softplus surrogate of a ReLU network by module surgery, and the softplus with a cheap second derivative.
 
 A ReLU network's saliency map is piecewise constant in the input, so its input gradient is zero almost
 everywhere. Attacks differentiate a copy whose ReLUs are ``softplus(beta * z) / beta``; the copy *shares*
@@ -147,7 +147,9 @@ def to_softplus(model: nn.Module, beta: float = 1.0) -> nn.Module:
     compute their eval-mode affine map directly (:class:`_EvalAffine`); values are unchanged.
 
     Only ``nn.ReLU`` *modules* are replaced: ``F.relu`` calls inside ``forward`` are not visible to module
-    surgery; every model in :mod:`fragdefense.models` uses modules.
+    surgery. Attacks, probes and explanation defenses use :func:`fragdefense.models.softplus_surrogate`, which
+    smooths every ReLU *call* of any model; this module-swap form is kept for models built from modules and
+    as the baseline of ``benchmarks/bench_attacks.py``.
 
     Args:
         model: a network built from ``nn.ReLU`` modules.
@@ -205,7 +207,9 @@ def _replace(module: nn.Module, beta: float) -> int:
 
 
 def set_softplus_beta(model: nn.Module, beta: float) -> int:
-    """Set ``beta`` of every softplus created by :func:`to_softplus` in place; returns how many changed.
+    """Set ``beta`` of every softplus created by :func:`to_softplus` in place (or the ``beta`` of a
+    :class:`~fragdefense.models.surrogate.SoftplusSurrogate`, leaving its model untouched); returns how many
+    changed.
 
     >>> soft = to_softplus(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), beta=1.0)
     >>> set_softplus_beta(soft, 50.0)
@@ -213,6 +217,11 @@ def set_softplus_beta(model: nn.Module, beta: float) -> int:
     """
     if not (float(beta) > 0.0):
         raise ValueError(f"`beta` must be a number > 0, got {beta!r}")
+    from fragdefense.models.surrogate import SoftplusSurrogate
+
+    if isinstance(model, SoftplusSurrogate):  # the function-level surrogate: its own beta only
+        model.beta = float(beta)
+        return 1
     n = 0
     for m in model.modules():
         if isinstance(m, _Softplus):
