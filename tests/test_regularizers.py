@@ -220,8 +220,8 @@ def test_ssr_lambda_max_equals_explicit_input_hessian(channels, channel_average)
     [
         lambda: PGDAdversarialTraining(eps="8/255", steps=3),
         lambda: PGDAdversarialTraining(eps=0.5, steps=3, threat="l2"),
-        lambda: IGSumNorm(eps="8/255", attack_steps=2, ig_steps=2),
-        lambda: ART(eps="8/255", attack_steps=2, k=None),
+        lambda: IGSumNorm(eps="8/255", steps=2, ig_steps=2),
+        lambda: ART(eps="8/255", steps=2, k=None),
     ],
     ids=["pgd_at", "pgd_at_l2", "ig_sum_norm", "art"],
 )
@@ -252,8 +252,8 @@ def test_inner_adversaries_stay_in_ball():
     eps = 4 / 255
     for xa in (
         TRADES(eps=eps, steps=3).adversary(model, x),
-        IGNorm(eps=eps, attack_steps=2, ig_steps=2)._maximise(model, x, y, 0.0, 1.0),
-        IGR(eps=eps, attack_steps=2)._adversary(model, x, y),
+        IGNorm(eps=eps, steps=2, ig_steps=2)._maximise(model, x, y, 0.0, 1.0),
+        IGR(eps=eps, steps=2)._adversary(model, x, y),
     ):
         assert xa.min() >= 0 and xa.max() <= 1 and (xa - x).abs().max() <= eps + 1e-9
 
@@ -277,9 +277,9 @@ def test_few_steps_reduce_own_term(name):
     x = torch.rand(16, C, H, W, dtype=torch.float64)
     y = torch.arange(16) % K
     model = _net(nn.ReLU()) if name == "ssr" else _net()
-    kw = {"ig_steps": 3, "attack_steps": 2} if name in ("ig_norm", "ig_sum_norm", "igr") else {}
+    kw = {"ig_steps": 3, "steps": 2} if name in ("ig_norm", "ig_sum_norm", "igr") else {}
     if name == "art":
-        kw = {"attack_steps": 2, "k": 8}
+        kw = {"steps": 2, "k": 8}
     if name in ("pgd_at", "trades"):
         kw = {"steps": 3}
     reg = create_regularizer(name, **kw)

@@ -17,12 +17,15 @@ block-diagonal, with block ``i`` the Hessian of sample ``i``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# the package's one eval-mode context (restores every submodule's own flag); importable from here as before
+from fragdefense.utils.conventions import eval_mode
 
 __all__ = ["HessianOperator", "param_hessian", "input_hessian", "OBJECTIVES", "flatten", "unflatten"]
 
@@ -138,18 +141,6 @@ class HessianOperator:
 
     def __repr__(self) -> str:
         return f"HessianOperator({self.name}, batch={self.batch}, dim={self.dim}, dtype={self.dtype})"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and restore every submodule's own flag afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
 
 
 def _params(model: nn.Module, params: Iterable[Tensor] | None) -> list[Tensor]:

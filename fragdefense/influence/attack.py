@@ -1,4 +1,4 @@
-"""The attack on influence functions of Ghorbani, Abid & Zou (REFERENCE.md section 4), batched over test images.
+"""The attack on influence functions of Ghorbani, Abid & Zou (``docs/background.md`` §4), batched over test images.
 
 For a test image ``x`` (label ``y``), the influence vector ``I(., x)`` over the training set comes from a
 :class:`~fragdefense.influence.LastLayerInfluence` on the features of a frozen network. The attack takes the
@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.influence.last_layer import LastLayerInfluence
 from fragdefense.metrics import functional as MF
-from fragdefense.utils.checks import check_images, check_int_in_range, check_nonneg_float
+from fragdefense.utils.checks import check_images, check_int_in_range
+from fragdefense.utils.conventions import make_generator, parse_budget, resolve_step_size
 
 __all__ = ["attack_influence", "influence_scores", "rank_scores", "InfluenceAttackResult", "INFLUENCE_ATTACKS"]
 
@@ -131,14 +133,14 @@ def attack_influence(
     x: Tensor,
     y: Tensor | None = None,
     *,
-    eps: float = 8 / 255,
+    eps: float | str = 8 / 255,
     attack: str = "gradient",
     n_attacked: int = 3,
     k: int = 5,
     steps: int = 1,
-    step_size: float | None = None,
+    step_size: float | str | None = None,
     rank_by: str = "helpful",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     batch_size: int = 256,
 ) -> InfluenceAttackResult:
     """Perturb test images so that their most influential training points change (see the module docstring).
@@ -149,14 +151,16 @@ def attack_influence(
         influence: a fitted :class:`LastLayerInfluence` (its head gives the logits, labels and influences).
         x: test images ``(B, C, H, W)`` in ``[0, 1]``.
         y: labels in the test loss ``(B,)`` (default: the clean prediction). Kept fixed during the attack.
-        eps: L-inf budget in pixel units of ``[0, 1]``.
+        eps: L-inf budget in pixel units of ``[0, 1]``, a number or a string such as ``"8/255"``.
         attack: ``"gradient"`` (the paper's signed-gradient attack) or ``"random_sign"`` (baseline).
         n_attacked: the attack reduces the summed rank score of the clean top-``n_attacked`` training points.
         k: size of the top-``k`` sets compared by ``topk_kept``.
-        steps, step_size: signed-gradient steps (default ``1`` step of size ``eps``: the paper's attack; with
-            more steps the default ``step_size`` is ``eps / steps``; every iterate is projected).
+        steps, step_size: signed-gradient steps (:func:`~fragdefense.attacks.pgd_attack` without random start,
+            descending the attacked points' scores); default ``1`` step of size ``eps``: the paper's attack; with
+            more steps the default ``step_size`` is the shared rule ``2.5 * eps / steps``
+            (:func:`~fragdefense.utils.conventions.default_step_size`); every iterate is projected.
         rank_by: ``"helpful"``, ``"harmful"`` or ``"abs"`` (see :func:`rank_scores`).
-        generator: random source of ``random_sign``.
+        generator: random source of ``random_sign``: ``None`` (global RNG), an ``int`` seed or a generator.
         batch_size: images per batch.
 
     Example:
@@ -173,7 +177,7 @@ def attack_influence(
         (torch.Size([4]), torch.Size([4]), True)
     """
     check_images(x, "x")
-    eps = check_nonneg_float(eps, "eps")
+    eps = parse_budget(eps, "eps")
     if attack not in INFLUENCE_ATTACKS:
         raise ValueError(f"unknown `attack`={attack!r}; expected one of {INFLUENCE_ATTACKS}")
     rank_scores(torch.zeros(1, 1), rank_by)  # validates rank_by
@@ -182,7 +186,9 @@ def attack_influence(
     check_int_in_range(k, "k", 1, n_train)
     check_int_in_range(steps, "steps", 1)
     check_int_in_range(batch_size, "batch_size", 1)
-    step = eps / steps if step_size is None else check_nonneg_float(step_size, "step_size")
+    # one step: the paper's step of size eps (any larger L-inf step projects to the same point)
+    step = eps if step_size is None and steps == 1 else resolve_step_size(step_size, eps, steps)
+    generator = make_generator(generator, x.device)
     if y is not None and (not isinstance(y, Tensor) or y.shape != (len(x),)):
         raise ValueError(f"`y` must be None or a ({len(x)},) tensor of labels, got {getattr(y, 'shape', y)}")
 
@@ -238,15 +244,13 @@ def _attack_batch(
         )
         x_adv = (x + eps * noise.sign()).clamp(0.0, 1.0)
     else:
-        x_adv = x.clone()
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                sel = inf.influence(features(x_adv), label, train_index=attacked)  # (B, n_attacked)
-                objective = rank_scores(sel, rank_by).sum()  # summed over images: per-image gradients
-                (g,) = torch.autograd.grad(objective, x_adv)
-            x_adv = x_adv.detach() - step * g.sign()  # descend the attacked points' influence
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+
+        def lower_attacked(f: Callable[[Tensor], Tensor], xa: Tensor, x0: Tensor, yy: Tensor) -> Tensor:
+            sel = inf.influence(f(xa), yy, train_index=attacked)  # (B, n_attacked)
+            return -rank_scores(sel, rank_by).sum(1)  # ascend minus the score: descend the attacked points
+
+        kw = dict(eps=eps, step_size=step, steps=steps, random_start=False)
+        x_adv = pgd_attack(features, x, label, objective=lower_attacked, **kw)  # type: ignore[arg-type]
     x_adv = x_adv.detach()
     adv, pred_adv = influence_scores(features, inf, x_adv, label)
     score_adv = rank_scores(adv, rank_by)

@@ -1,4 +1,4 @@
-"""Influence functions for any chosen subset of a network's parameters (Koh & Liang; REFERENCE.md section 4).
+"""Influence functions for any chosen subset of a network's parameters (Koh & Liang; ``docs/background.md`` §4).
 
 :class:`ParameterInfluence` computes per-sample training gradients with ``torch.func`` (``vmap(grad(.))``,
 chunked, no Python loop over samples), caches them (``(N, P)``) for reuse across test points, and solves
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from fragdefense.influence import solvers as S
+from fragdefense.utils.conventions import eval_mode as _eval_mode  # the package's one eval-mode context
 
 __all__ = ["ParameterInfluence", "select_parameters"]
 
@@ -49,17 +49,6 @@ def select_parameters(model: nn.Module, params: str | Sequence[str] | None = Non
             raise ValueError(f"`params` entry {sel!r} matches no parameter; parameters: {names}")
         out.extend(h for h in hit if h not in out)
     return out
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in modes:
-            m.training = flag
 
 
 class ParameterInfluence:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.attacks.threat import make_threat
 from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, eval_mode, same_input
-from fragdefense.utils.checks import check_int_in_range, parse_eps
+from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import parse_budget, resolve_step_size
 
 __all__ = ["PGDAdversarialTraining", "TRADES"]
 
@@ -26,7 +27,8 @@ class PGDAdversarialTraining(Regularizer):
     eps 8/255, 7 steps of 2/255, random start. Cost: ``steps + 1`` forward/backward passes.
 
     Args:
-        eps, step_size: budget and step in pixel units (numbers or strings such as ``"8/255"``).
+        eps, step_size: budget and step in pixel units (numbers or strings such as ``"8/255"``); the paper's
+            2/255 is the default, ``None`` gives the shared rule ``2.5 * eps / steps``.
         steps: PGD iterations. threat: ``"linf"`` or ``"l2"``.
         random_start: uniform start in the ball.
         attack_mode: ``"eval"`` (default, as MadryLab ``robustness``: BatchNorm statistics are frozen while
@@ -44,7 +46,7 @@ class PGDAdversarialTraining(Regularizer):
     def __init__(
         self,
         eps: float | str = 8 / 255,
-        step_size: float | str = 2 / 255,
+        step_size: float | str | None = 2 / 255,
         steps: int = 7,
         threat: str = "linf",
         random_start: bool = True,
@@ -53,9 +55,10 @@ class PGDAdversarialTraining(Regularizer):
         warmup_epochs: float = 0.0,
     ) -> None:
         super().__init__(weight, warmup_epochs)
-        self.eps = parse_eps(eps)
-        self.step_size = parse_eps(step_size)
+        self.eps = parse_budget(eps, "eps")
         self.steps = check_int_in_range(steps, "steps", 0)
+        # the paper's 2/255 stays the explicit default (the 2.5 * eps / steps rule only when step_size=None)
+        self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         make_threat(threat, self.eps)
         self.threat = threat
         self.random_start = bool(random_start)
@@ -96,32 +99,41 @@ class TRADES(Regularizer):
         weight: float = 6.0,
         warmup_epochs: float = 0.0,
         eps: float | str = 8 / 255,
-        step_size: float | str = 2 / 255,
+        step_size: float | str | None = 2 / 255,
         steps: int = 10,
         threat: str = "linf",
         attack_mode: str = "eval",
     ) -> None:
         super().__init__(weight, warmup_epochs)
-        self.eps = parse_eps(eps)
-        self.step_size = parse_eps(step_size)
+        self.eps = parse_budget(eps, "eps")
         self.steps = check_int_in_range(steps, "steps", 0)
+        # the paper's 2/255 (0.007) stays the explicit default (the 2.5 * eps / steps rule only when None)
+        self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         self.threat_obj = make_threat(threat, self.eps)
         self.threat = threat
         self.attack_mode = check_attack_mode(attack_mode)
 
     def adversary(self, model: nn.Module, x: Tensor) -> Tensor:
-        """The KL-maximising ``x'`` (detached)."""
+        """The KL-maximising ``x'`` (detached): :func:`~fragdefense.attacks.pgd_attack` with the per-image
+        ``KL(p(x) || p(x'))`` as its ``objective``, started at ``x + 0.001 N(0, I)`` (global RNG)."""
         x0 = x.detach()
         with torch.no_grad():
             p_clean = F.softmax(model(x0), dim=1)
-        xi = self.threat_obj.project(x0 + 0.001 * torch.randn_like(x0), x0)
-        for _ in range(self.steps):
-            xg = xi.detach().requires_grad_(True)
-            with torch.enable_grad():
-                kl = F.kl_div(F.log_softmax(model(xg), dim=1), p_clean, reduction="sum")
-                (g,) = torch.autograd.grad(kl, xg)
-            xi = self.threat_obj.project(self.threat_obj.step(xi.detach(), g, self.step_size), x0)
-        return xi.detach()
+
+        def kl_to_clean(m: nn.Module, xa: Tensor, x0: Tensor, y: Tensor | None) -> Tensor:
+            return F.kl_div(F.log_softmax(m(xa), dim=1), p_clean, reduction="none").flatten(1).sum(1)
+
+        return pgd_attack(
+            model,
+            x0,
+            None,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            threat=self.threat_obj,
+            objective=kl_to_clean,
+            init=x0 + 0.001 * torch.randn_like(x0),
+        )
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         if self.attack_mode == "eval":

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fragdefense.attacks.threat import make_threat
+from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.models.softplus import relu_to_softplus_, to_softplus
-from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, eval_mode
-from fragdefense.utils.checks import check_int_in_range, parse_eps
+from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, check_steps, eval_mode
+from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import parse_budget, resolve_step_size
 
 __all__ = ["ART", "SoftplusBeta", "alignment_triplet"]
 
@@ -49,12 +52,15 @@ class ART(Regularizer):
     Objective: :math:`\mathrm{CE}(x_a) + w \cdot \mathrm{softplus}(d_{ap}(x_a) - d_{an}(x_a))`
     (:func:`alignment_triplet`, gradients of a softplus(``beta``) copy of the model, ``beta = 50``;
     ``w = 0.5`` in the paper), with :math:`x_a` the maximiser of that loss in the eps-ball found by
-    ``attack_steps`` (3) signed-gradient steps, the cosines over the top-``k`` (1000) gradient features.
-    Cost: ~5-8x a plain step.
+    ``steps`` (3) signed-gradient steps from a random start (:func:`~fragdefense.attacks.pgd_attack` with
+    this loss as its ``objective``; step size ``2.5 * eps / steps`` by default), the cosines over the top-``k``
+    (1000) gradient features. Cost: ~5-8x a plain step.
+
+    ``attack_steps`` is the deprecated name of ``steps`` (still accepted, with a ``DeprecationWarning``).
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
-    >>> reg = ART(attack_steps=1, k=None)
+    >>> reg = ART(steps=1, k=None)
     >>> xa = reg.training_input(net, x, y)
     >>> bool(reg.penalty(net, x, xa, y, net(xa)).penalty > 0)
     True
@@ -69,18 +75,20 @@ class ART(Regularizer):
         warmup_epochs: float = 0.0,
         beta: float = 50.0,
         eps: float | str = 8 / 255,
-        attack_steps: int = 3,
+        steps: int = 3,
         step_size: float | str | None = None,
         k: int | None = 1000,
         attack_mode: str = "eval",
+        *,
+        attack_steps: int | None = None,
     ) -> None:
         super().__init__(weight, warmup_epochs)
         if not float(beta) > 0:
             raise ValueError(f"`beta` must be a number > 0, got {beta!r}")
         self.beta = float(beta)
-        self.eps = parse_eps(eps)
-        self.attack_steps = check_int_in_range(attack_steps, "attack_steps", 0)
-        self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
+        self.eps = parse_budget(eps, "eps")
+        self.steps = check_steps(steps, attack_steps, 3, "ART")
+        self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         self.k = None if k is None else check_int_in_range(k, "k", 1)
         self.attack_mode = check_attack_mode(attack_mode)
         self._cache: dict[int, nn.Module] = {}  # plain dict: the surrogate is not part of this module's state
@@ -96,24 +104,42 @@ class ART(Regularizer):
                 soft = to_softplus(model, self.beta)
             self._cache.clear()
             self._cache[id(model)] = soft
-        soft.train(model.training)
+        # the model's train/eval flags, submodule by submodule (a submodule frozen in eval mode inside a training
+        # model stays frozen in the copy; the copy's modules have the model's names). Modules the surrogate
+        # shares with the model already carry the model's flags and are left alone.
+        shared = {id(m) for m in model.modules()}
+        flags = {name: m.training for name, m in model.named_modules()}
+        for name, m in soft.named_modules():
+            if id(m) not in shared:
+                m.training = flags.get(name, model.training)
         return soft
 
+    @property
+    def attack_steps(self) -> int:
+        """Deprecated name of :attr:`steps`."""
+        return self.steps
+
+    def objective(self, soft: nn.Module):
+        """ART's inner objective for :func:`~fragdefense.attacks.pgd_attack`: per image
+        ``CE(model(x'), y) + weight * softplus(d_ap - d_an)`` on the surrogate ``soft``."""
+
+        def art_loss(model: nn.Module, xa: Tensor, x0: Tensor, y: Tensor) -> Tensor:
+            ce = F.cross_entropy(model(xa), y, reduction="none")
+            return ce + self.weight * alignment_triplet(soft, xa, y, self.k)
+
+        return art_loss
+
     def training_input(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        thr = make_threat("linf", self.eps)
-        x0 = x.detach()
-        xi = thr.random_start(x0)
-        with eval_mode(model) if self.attack_mode == "eval" else torch.enable_grad(), torch.enable_grad():
+        with eval_mode(model) if self.attack_mode == "eval" else contextlib.nullcontext():
             soft = self.surrogate(model)
-            for _ in range(self.attack_steps):
-                xg = xi.detach().requires_grad_(True)
-                obj = (
-                    F.cross_entropy(model(xg), y, reduction="sum")
-                    + self.weight * alignment_triplet(soft, xg, y, self.k).sum()
-                )
-                (g,) = torch.autograd.grad(obj, xg)
-                xi = thr.project(thr.step(xi.detach(), g, self.step_size), x0)
-        return xi.detach()
+            kw = dict(eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True)
+            return pgd_attack(model, x.detach(), y, objective=self.objective(soft), **kw)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight:g}, beta={self.beta:g}, eps={self.eps:.5g}, steps={self.steps}, "
+            f"step_size={self.step_size:.5g}, k={self.k}"
+        )
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         return RegularizerOutput(alignment_triplet(self.surrogate(model), x_train.detach(), y, self.k).mean())

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fragdefense.models.batchnorm import double_backward_batchnorm_
+from fragdefense.utils.checks import check_int_in_range
+
+# the one eval-mode context of the package (restores every submodule's own flag); re-exported here so that
+# ``fragdefense.regularizers.eval_mode`` keeps working. Adversarial examples for training are generated in
+# eval mode by default (as MadryLab ``robustness`` and TRADES do), so the attack does not update BatchNorm
+# statistics.
+from fragdefense.utils.conventions import eval_mode
 
 __all__ = [
     "Regularizer",
@@ -22,6 +29,7 @@ __all__ = [
     "StepLoss",
     "check_max_samples",
     "check_attack_mode",
+    "check_steps",
 ]
 
 
@@ -30,6 +38,25 @@ def check_attack_mode(mode: str) -> str:
     if mode not in ("eval", "train"):
         raise ValueError(f"`attack_mode` must be 'eval' or 'train', got {mode!r}")
     return mode
+
+
+def check_steps(steps: int, attack_steps: int | None, default: int, owner: str) -> int:
+    """The inner attack's iteration count ``steps`` (>= 0), with ``attack_steps`` its deprecated alias (older
+    configs): the alias wins when given, with a ``DeprecationWarning``; both given and different is an error.
+
+    >>> check_steps(3, None, 3, "ART")
+    3
+    """
+    if attack_steps is not None:
+        warnings.warn(
+            f"{owner}: `attack_steps` is deprecated, use `steps` (the name every attack and regularizer uses)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if steps != default and steps != attack_steps:
+            raise ValueError(f"{owner}: give `steps` only (got steps={steps!r} and attack_steps={attack_steps!r})")
+        steps = attack_steps
+    return check_int_in_range(steps, "steps", 0)
 
 
 def check_max_samples(max_samples: int | None) -> int | None:
@@ -52,28 +79,6 @@ class RegularizerOutput:
 
     penalty: Tensor | None = None  # un-weighted scalar term
     logs: dict[str, Tensor] = field(default_factory=dict)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode (BatchNorm running statistics, no dropout) and restore its mode afterwards.
-
-    Adversarial examples for training are generated this way (as MadryLab ``robustness`` and TRADES do),
-    so the attack does not update BatchNorm statistics.
-
-    >>> net = nn.BatchNorm1d(2).train()
-    >>> with eval_mode(net):
-    ...     net.training
-    False
-    >>> net.training
-    True
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def per_sample_ce_input_grad(logits: Tensor, x: Tensor, y: Tensor, create_graph: bool = True) -> Tensor:

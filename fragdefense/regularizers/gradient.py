@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fragdefense.regularizers.base import Regularizer, RegularizerOutput, per_sample_ce_input_grad
+from fragdefense.utils.conventions import parse_budget
 
 __all__ = ["InputGradient", "CURE"]
 
@@ -69,7 +70,7 @@ class CURE(Regularizer):
     Args:
         weight: lambda (the paper ramps it to 4).
         h: step length (L2, pixel units of ``[0, 1]``). The paper's ``h = 1.5`` is in normalised-input
-            units (std ~ 0.25), i.e. about 0.375 here, which is the default.
+            units (std ~ 0.25), i.e. about 0.375 here, which is the default. A number or a budget string.
 
     >>> import torch
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
@@ -82,11 +83,11 @@ class CURE(Regularizer):
     needs_input_grad = True
     second_order = True
 
-    def __init__(self, weight: float = 4.0, warmup_epochs: float = 0.0, h: float = 0.375) -> None:
+    def __init__(self, weight: float = 4.0, warmup_epochs: float = 0.0, h: float | str = 0.375) -> None:
         super().__init__(weight, warmup_epochs)
-        if not float(h) > 0:
+        self.h = parse_budget(h, "h")  # a length in pixel units: a number or a string such as "96/255"
+        if not self.h > 0:
             raise ValueError(f"`h` must be a number > 0, got {h!r}")
-        self.h = float(h)
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         xg, g0 = _grad_at_train_input(model, x, x_train, y, logits)

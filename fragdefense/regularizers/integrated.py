@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,10 +16,12 @@ from fragdefense.regularizers.base import (
     RegularizerOutput,
     check_attack_mode,
     check_max_samples,
+    check_steps,
     eval_mode,
     same_input,
 )
-from fragdefense.utils.checks import check_int_in_range, parse_eps
+from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import parse_budget, resolve_step_size
 
 __all__ = ["loss_path_ig", "IGNorm", "IGSumNorm", "IGR"]
 
@@ -77,7 +81,9 @@ def _ig_l1(model: nn.Module, x: Tensor, x_end: Tensor, y: Tensor, steps: int, ch
 
 
 class _RARBase(Regularizer):
-    """Shared constructor and inner maximisation of IG-NORM and IG-SUM-NORM (same options, same defaults)."""
+    """Shared constructor and inner maximisation of IG-NORM and IG-SUM-NORM (same options, same defaults).
+
+    ``steps`` is the inner attack's iteration count (``attack_steps``: its deprecated name)."""
 
     second_order = True
 
@@ -86,39 +92,45 @@ class _RARBase(Regularizer):
         weight: float = 1.0,
         warmup_epochs: float = 0.0,
         eps: float | str = 8 / 255,
-        attack_steps: int = 3,
+        steps: int = 3,
         step_size: float | str | None = None,
         ig_steps: int = 5,
         internal_batch_size: int | None = None,
         attack_mode: str = "eval",
+        *,
+        attack_steps: int | None = None,
     ) -> None:
         super().__init__(weight, warmup_epochs)
-        self.eps = parse_eps(eps)
-        self.attack_steps = check_int_in_range(attack_steps, "attack_steps", 0)
-        self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
+        self.eps = parse_budget(eps, "eps")
+        self.steps = check_steps(steps, attack_steps, 3, type(self).__name__)
+        self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         self.ig_steps = check_int_in_range(ig_steps, "ig_steps", 1)
         self.internal_batch_size = internal_batch_size
         self.attack_mode = check_attack_mode(attack_mode)
         self.threat_obj = make_threat("linf", self.eps)
 
+    @property
+    def attack_steps(self) -> int:
+        """Deprecated name of :attr:`steps`."""
+        return self.steps
+
     def _maximise(self, model: nn.Module, x: Tensor, y: Tensor, ce_weight: float, ig_weight: float) -> Tensor:
-        """``argmax_{x' in ball} ce_weight * CE(x') + ig_weight * ||IG^l(x, x')||_1`` by signed steps."""
-        x0 = x.detach()
-        xi = self.threat_obj.random_start(x0)
-        ctx = eval_mode(model) if self.attack_mode == "eval" else torch.enable_grad()
-        with ctx, torch.enable_grad():
-            for _ in range(self.attack_steps):
-                xg = xi.detach().requires_grad_(True)
-                obj = ig_weight * _ig_l1(model, x0, xg, y, self.ig_steps, self.internal_batch_size).sum()
-                if ce_weight:
-                    obj = obj + ce_weight * F.cross_entropy(model(xg), y, reduction="sum")
-                (g,) = torch.autograd.grad(obj, xg)
-                xi = self.threat_obj.project(self.threat_obj.step(xi.detach(), g, self.step_size), x0)
-        return xi.detach()
+        """``argmax_{x' in ball} ce_weight * CE(x') + ig_weight * ||IG^l(x, x')||_1``: :func:`pgd_attack` from a
+        random start with that per-image objective (the IG path starts at the clean ``x0``)."""
+
+        def rar_objective(m: nn.Module, xa: Tensor, x0: Tensor, yy: Tensor) -> Tensor:
+            obj = ig_weight * _ig_l1(m, x0, xa, yy, self.ig_steps, self.internal_batch_size)
+            if ce_weight:
+                obj = obj + ce_weight * F.cross_entropy(m(xa), yy, reduction="none")
+            return obj
+
+        kw = dict(eps=self.eps, step_size=self.step_size, steps=self.steps, threat=self.threat_obj)
+        with eval_mode(model) if self.attack_mode == "eval" else contextlib.nullcontext():
+            return pgd_attack(model, x.detach(), y, objective=rar_objective, random_start=True, **kw)
 
     def extra_repr(self) -> str:
         return (
-            f"weight={self.weight:g}, eps={self.eps:.5g}, attack_steps={self.attack_steps}, "
+            f"weight={self.weight:g}, eps={self.eps:.5g}, steps={self.steps}, "
             f"step_size={self.step_size:.5g}, ig_steps={self.ig_steps}"
         )
 
@@ -128,12 +140,12 @@ class IGNorm(_RARBase):
 
     Objective: :math:`\mathrm{CE}(x) + \lambda \cdot \frac1B \sum_b \lVert IG^\ell(x_b, x'_b) \rVert_1` with
     :math:`x' = \arg\max_{\lVert x' - x \rVert_\infty \le \epsilon} \lVert IG^\ell(x, x') \rVert_1` found by
-    ``attack_steps`` signed-gradient steps from a random start; :math:`IG^\ell` is :func:`loss_path_ig` with
-    ``ig_steps`` points. Cost: ``attack_steps * ig_steps + ig_steps`` double-backprop gradients.
+    ``steps`` signed-gradient steps from a random start; :math:`IG^\ell` is :func:`loss_path_ig` with
+    ``ig_steps`` points. Cost: ``steps * ig_steps + ig_steps`` double-backprop gradients.
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
-    >>> bool(IGNorm(attack_steps=1, ig_steps=2).penalty(net, x, x, y, net(x)).penalty > 0)
+    >>> bool(IGNorm(steps=1, ig_steps=2).penalty(net, x, x, y, net(x)).penalty > 0)
     True
     """
 
@@ -153,7 +165,7 @@ class IGSumNorm(_RARBase):
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
-    >>> reg = IGSumNorm(attack_steps=1, ig_steps=2)
+    >>> reg = IGSumNorm(steps=1, ig_steps=2)
     >>> xa = reg.training_input(net, x, y)
     >>> bool(reg.penalty(net, x, xa, y, net(xa)).penalty > 0)
     True
@@ -178,13 +190,14 @@ class IGR(Regularizer):
     points, :func:`~fragdefense.attributions.integrated_gradients`, differentiated twice). ``x'`` is the
     training input when another regularizer replaced it (``Compose([PGDAdversarialTraining(), IGR()])``,
     the paper's setting: the base loss is adversarial training) and otherwise an own PGD example on the
-    cross-entropy (``attack_steps`` steps; the task loss then stays on the clean ``x``).
+    cross-entropy (``steps`` steps, ``attack_steps`` being their deprecated name; the task loss then stays on
+    the clean ``x``).
     Cost: ``2 * ig_steps`` double-backprop gradients plus the attack. ``max_samples`` limits the penalty (and
     its own attack) to the first images of the batch, an unbiased estimate of the batch mean.
 
     >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 8), nn.Softplus(), nn.Linear(8, 3))
     >>> x = torch.rand(2, 3, 4, 4); y = torch.tensor([0, 1])
-    >>> p = IGR(attack_steps=1, ig_steps=2).penalty(net, x, x, y, net(x)).penalty
+    >>> p = IGR(steps=1, ig_steps=2).penalty(net, x, x, y, net(x)).penalty
     >>> bool(0 <= p <= 2)
     True
     """
@@ -197,28 +210,33 @@ class IGR(Regularizer):
         weight: float = 1.0,
         warmup_epochs: float = 0.0,
         eps: float | str = 8 / 255,
-        attack_steps: int = 3,
+        steps: int = 3,
         step_size: float | str | None = None,
         ig_steps: int = 8,
         internal_batch_size: int | None = None,
         attack_mode: str = "eval",
         max_samples: int | None = None,
+        *,
+        attack_steps: int | None = None,
     ) -> None:
         super().__init__(weight, warmup_epochs)
         self.max_samples = check_max_samples(max_samples)
-        self.eps = parse_eps(eps)
-        self.attack_steps = check_int_in_range(attack_steps, "attack_steps", 0)
-        self.step_size = parse_eps(step_size) if step_size is not None else 2.5 * self.eps / max(1, self.attack_steps)
+        self.eps = parse_budget(eps, "eps")
+        self.steps = check_steps(steps, attack_steps, 3, "IGR")
+        self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         self.ig_steps = check_int_in_range(ig_steps, "ig_steps", 1)
         self.internal_batch_size = internal_batch_size
         self.attack_mode = check_attack_mode(attack_mode)
 
+    @property
+    def attack_steps(self) -> int:
+        """Deprecated name of :attr:`steps`."""
+        return self.steps
+
     def _adversary(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        kw = dict(eps=self.eps, step_size=self.step_size, steps=self.attack_steps, random_start=True)
-        if self.attack_mode == "eval":
-            with eval_mode(model):
-                return pgd_attack(model, x.detach(), y, **kw)
-        return pgd_attack(model, x.detach(), y, **kw)
+        kw = dict(eps=self.eps, step_size=self.step_size, steps=self.steps, random_start=True)
+        with eval_mode(model) if self.attack_mode == "eval" else contextlib.nullcontext():
+            return pgd_attack(model, x.detach(), y, **kw)
 
     def penalty(self, model: nn.Module, x: Tensor, x_train: Tensor, y: Tensor, logits: Tensor) -> RegularizerOutput:
         n = self.max_samples
@@ -231,4 +249,4 @@ class IGR(Regularizer):
         return RegularizerOutput((1.0 - cos).mean(), {"igr_cos": cos.detach().mean()})
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight:g}, eps={self.eps:.5g}, attack_steps={self.attack_steps}, ig_steps={self.ig_steps}"
+        return f"weight={self.weight:g}, eps={self.eps:.5g}, steps={self.steps}, ig_steps={self.ig_steps}"
