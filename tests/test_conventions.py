@@ -512,3 +512,53 @@ def test_influence_and_hessian_keep_a_frozen_batchnorm_frozen():
     inf = ParameterInfluence(model, params="6", damping=0.1, solver="exact").fit(x, y)
     inf.influence(x[:2], y[:2])
     _assert_frozen(model, stats)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# seeding: ``generator`` takes None, an int seed or a torch.Generator; ``seed`` is a deprecated alias
+
+
+def test_attributions_take_an_int_generator_and_seed_is_a_deprecated_alias():
+    from fragdefense.attributions.robust import local_smooth, uniform_ball_noise, uniform_grad
+    from fragdefense.attributions.smoothgrad import smoothgrad
+
+    model, (x, _) = _net(), _data(3)
+    t = torch.tensor([0, 1, 2])
+    calls = [
+        lambda **kw: smoothgrad(model, x, t, n_samples=3, sigma=0.1, **kw),
+        lambda **kw: uniform_grad(model, x, t, n_samples=3, ball="l2", **kw),
+        lambda **kw: local_smooth(model, x, t, n_samples=2, iters=2, **kw),
+    ]
+    for f in calls:
+        a = f(generator=7)
+        assert torch.equal(a, f(generator=torch.Generator().manual_seed(7)))
+        with pytest.warns(DeprecationWarning, match="`seed=` is deprecated"):
+            assert torch.equal(a, f(seed=7))
+        assert not torch.equal(a, f(generator=8))
+        with pytest.raises(ValueError, match="either `generator` or `seed`"):
+            f(generator=1, seed=1)
+        with pytest.raises(TypeError, match="`generator`"):
+            f(generator="7")
+    u = uniform_ball_noise(2, x.shape, "linf", generator=3, dtype=x.dtype)
+    assert torch.equal(
+        u, uniform_ball_noise(2, x.shape, "linf", generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    )
+
+
+def test_hessian_generators_and_radii_budgets():
+    from fragdefense.hessian import HessianOperator, hutchinson, lanczos, map_change_along_directions, slq
+
+    a = torch.randn(6, 6, dtype=torch.float64)
+    op = HessianOperator.from_matrix(a + a.T)
+    g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    assert torch.equal(hutchinson(op, 5, generator=2).estimate, hutchinson(op, 5, generator=g()).estimate)
+    assert torch.equal(lanczos(op, k=2, generator=2).eigenvalues, lanczos(op, k=2, generator=g()).eigenvalues)
+    assert torch.equal(slq(op, 3, 2, generator=2).nodes, slq(op, 3, 2, generator=g()).nodes)
+    with pytest.raises(TypeError, match="`generator`"):
+        hutchinson(op, 5, generator=2.5)
+    net, (x, _) = _net(nn.ReLU()), _data(2)
+    kw = dict(beta=5.0, n_random=1, topk=4, max_iter=5, generator=0)
+    p1 = map_change_along_directions(net, x, radii=("8/255",), **kw)
+    p2 = map_change_along_directions(net, x, radii=(8 / 255,), **kw)
+    assert p1.radii == p2.radii == [8 / 255]
+    torch.testing.assert_close(p1.metrics["grad_change"], p2.metrics["grad_change"], rtol=0, atol=0)

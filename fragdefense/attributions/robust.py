@@ -18,7 +18,7 @@ parameters are untouched. ``target=None`` is the class predicted on the clean ``
 >>> from fragdefense.attributions import attribute
 >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
 >>> x = torch.rand(2, 3, 4, 4)
->>> attribute("local_smooth", net, x, n_samples=2, iters=3, seed=0).shape
+>>> attribute("local_smooth", net, x, n_samples=2, iters=3, generator=0).shape
 torch.Size([2, 3, 4, 4])
 """
 
@@ -49,6 +49,7 @@ from fragdefense.attributions._common import (
 from fragdefense.attributions.smoothgrad import _make_generator, smoothgrad
 from fragdefense.models.softplus import set_softplus_beta, to_softplus
 from fragdefense.utils.checks import check_int_in_range, check_nonneg_float
+from fragdefense.utils.conventions import make_generator
 
 __all__ = [
     "beta_smooth",
@@ -136,7 +137,7 @@ def uniform_ball_noise(
     shape: torch.Size | tuple[int, ...],
     ball: Ball = "linf",
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
@@ -144,7 +145,8 @@ def uniform_ball_noise(
 
     ``"linf"``: ``U[-1, 1]`` per coordinate. ``"l2"``: uniform in the unit L2 ball of each image
     (``C * H * W`` dimensions): a Gaussian direction normalised to norm 1, times ``U^(1/d)``.
-    Drawn sample by sample (``i = 0..n-1``), so a prefix of the draws does not depend on ``n``.
+    Drawn sample by sample (``i = 0..n-1``), so a prefix of the draws does not depend on ``n``. ``generator``:
+    ``None`` (global RNG), an ``int`` seed or a ``torch.Generator`` on ``device``.
 
     >>> u = uniform_ball_noise(3, (2, 3, 4, 4), "l2", generator=torch.Generator().manual_seed(0))
     >>> u.shape, bool((u.flatten(2).norm(dim=2) <= 1).all())
@@ -153,6 +155,7 @@ def uniform_ball_noise(
     if ball not in BALLS:
         raise ValueError(f"`ball` must be one of {BALLS}, got {ball!r}")
     check_int_in_range(n, "n_samples", 1)
+    generator = make_generator(generator, device)
     shape = tuple(shape)
     out = []
     for _ in range(n):
@@ -176,7 +179,7 @@ def uniform_grad(
     n_samples: int = 50,
     radius: float | None = None,
     ball: Ball = "linf",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     seed: int | None = None,
     noise: Tensor | None = None,
     output: OutputType = "logit",
@@ -200,14 +203,15 @@ def uniform_grad(
         create_graph: supported (the noise is a constant).
         n_samples: number of noisy copies ``>= 1``.
         radius: ball radius ``>= 0`` or ``None`` (see above); ``ball``: ``"linf"`` or ``"l2"``.
-        generator / seed: RNG of the draws (:func:`uniform_ball_noise`; neither: torch's global RNG).
+        generator: RNG of the draws (:func:`uniform_ball_noise`): ``None`` (torch's global RNG), an ``int`` seed
+            or a ``torch.Generator``; ``seed``: deprecated alias of an int ``generator``.
         noise: explicit unit-ball draws ``(n_samples, B, C, H, W)`` (scaled by ``radius``).
         internal_batch_size: rows per chunk, or ``None``.
 
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
-        >>> a = uniform_grad(net, torch.rand(2, 3, 4, 4), target=1, n_samples=3, seed=0, ball="l2")
+        >>> a = uniform_grad(net, torch.rand(2, 3, 4, 4), target=1, n_samples=3, generator=0, ball="l2")
         >>> torch.allclose(a, net[1].weight[1].view(1, 3, 4, 4).expand(2, -1, -1, -1))  # linear model
         True
     """
@@ -325,7 +329,7 @@ def local_smooth(
     momentum: float = 0.99,
     baseline: float | Tensor | None = None,
     mask_init: float | Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     seed: int | None = None,
     noise: Tensor | None = None,
     unroll: int | None = None,
@@ -363,9 +367,10 @@ def local_smooth(
         baseline: masking reference (``None``: 0), a number or a tensor broadcastable to ``x`` (constant).
         mask_init: ``None`` (``U(0, 0.01)`` from the generator, the paper), a number, or a tensor
             broadcastable to ``x``, values in ``[0, 1]``.
-        generator / seed: RNG for the initial mask and the noise (``mask_init`` first, then the noise of
-            step 0, 1, ... as ``randn(N, B, C, H, W)``); neither: torch's global RNG. Deterministic under a
-            seed (for a given batch; use ``noise`` for batch-independent draws).
+        generator: RNG for the initial mask and the noise (``mask_init`` first, then the noise of step 0, 1,
+            ... as ``randn(N, B, C, H, W)``): ``None`` (torch's global RNG), an ``int`` seed or a
+            ``torch.Generator``. Deterministic under a seed (for a given batch; use ``noise`` for
+            batch-independent draws). ``seed``: deprecated alias of an int ``generator``.
         noise: explicit standard-normal draws ``(iters, N, B, C, H, W)``.
         unroll: with ``create_graph=True``, the number of final steps kept in the graph (truncated
             back-propagation; ``None`` = ``iters``). Ignored without ``create_graph``.
@@ -379,8 +384,8 @@ def local_smooth(
         >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
         >>> x = torch.rand(2, 3, 4, 4)
-        >>> m = local_smooth(net, x, n_samples=4, iters=5, seed=0)
-        >>> again = local_smooth(net, x, n_samples=4, iters=5, seed=0)
+        >>> m = local_smooth(net, x, n_samples=4, iters=5, generator=0)
+        >>> again = local_smooth(net, x, n_samples=4, iters=5, generator=0)
         >>> m.shape, bool(((m >= 0) & (m <= 1)).all()), torch.equal(m, again)
         (torch.Size([2, 3, 4, 4]), True, True)
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Literal
 
@@ -21,6 +22,7 @@ from fragdefense.attributions._common import (
     resolve_target,
 )
 from fragdefense.utils.checks import check_int_in_range, check_nonneg_float
+from fragdefense.utils.conventions import make_generator
 
 __all__ = ["smoothgrad", "SMOOTHGRAD_VARIANTS"]
 
@@ -55,19 +57,17 @@ class _SampleNoise:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _make_generator(generator: torch.Generator | None, seed: int | None, x: Tensor) -> torch.Generator | None:
+def _make_generator(generator: torch.Generator | int | None, seed: int | None, x: Tensor) -> torch.Generator | None:
+    """The seeding convention (:func:`~fragdefense.utils.conventions.make_generator`): ``generator`` is ``None``,
+    an ``int`` seed or a ``torch.Generator`` on ``x``'s device; ``seed`` is its deprecated alias."""
     if generator is not None and seed is not None:
         raise ValueError("pass either `generator` or `seed`, not both")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
-        if torch.device(generator.device).type != x.device.type:
-            raise ValueError(f"`generator` is on {generator.device} but `x` is on {x.device}")
-        return generator
     if seed is not None:
-        check_int_in_range(seed, "seed", 0)
-        return torch.Generator(device=x.device).manual_seed(seed)
-    return None
+        warnings.warn(
+            "`seed=` is deprecated, use `generator=` (it takes an int seed too)", DeprecationWarning, stacklevel=3
+        )
+        generator = check_int_in_range(seed, "seed", 0)
+    return make_generator(generator, x.device)
 
 
 def smoothgrad(
@@ -79,7 +79,7 @@ def smoothgrad(
     n_samples: int = 50,
     sigma: float = 0.15,
     variant: Variant = "smoothgrad",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     seed: int | None = None,
     noise: Tensor | None = None,
     output: OutputType = "logit",
@@ -100,7 +100,7 @@ def smoothgrad(
 
     **Noise**: sample ``i`` of all ``B`` images is one ``torch.randn(x.shape, generator=...)`` draw,
     drawn in order ``i = 0..n-1`` (in ``x``'s dtype/device), so results are reproducible for a given
-    ``seed``/``generator`` state and independent of ``internal_batch_size``. ``noise`` overrides the
+    ``generator`` seed / state and independent of ``internal_batch_size``. ``noise`` overrides the
     draws with a given standard-normal tensor of shape ``(n_samples, B, C, H, W)``.
 
     All ``B * n_samples`` noisy images are processed in batched chunks of ``internal_batch_size`` rows
@@ -113,8 +113,8 @@ def smoothgrad(
         n_samples: number of noisy copies, ``>= 1``.
         sigma: noise standard deviation (pixel units), ``>= 0``.
         variant: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"``.
-        generator: a ``torch.Generator`` on ``x``'s device type; ``seed``: an int seeding a fresh one.
-            Neither: torch's global RNG.
+        generator: ``None`` (torch's global RNG), an ``int`` seed or a ``torch.Generator`` on ``x``'s device
+            type. ``seed``: deprecated alias of an int ``generator``.
         noise: optional explicit standard-normal draws ``(n_samples, B, C, H, W)``.
         output: ``"logit"`` or ``"prob"``.
         internal_batch_size: rows per chunk, or ``None`` for one chunk.
@@ -123,8 +123,8 @@ def smoothgrad(
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
         >>> x = torch.rand(2, 3, 4, 4)
-        >>> a = smoothgrad(net, x, target=1, n_samples=4, sigma=0.1, seed=0)
-        >>> b = smoothgrad(net, x, target=1, n_samples=4, sigma=0.1, seed=0, internal_batch_size=3)
+        >>> a = smoothgrad(net, x, target=1, n_samples=4, sigma=0.1, generator=0)
+        >>> b = smoothgrad(net, x, target=1, n_samples=4, sigma=0.1, generator=0, internal_batch_size=3)
         >>> torch.equal(a, b)
         True
         >>> torch.allclose(a, net[1].weight[1].view(1, 3, 4, 4).expand(2, -1, -1, -1))  # linear model

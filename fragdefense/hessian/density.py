@@ -17,6 +17,7 @@ from torch import Tensor
 from fragdefense.hessian.eigen import _eigh_small, lanczos_tridiagonal
 from fragdefense.hessian.hvp import HessianOperator
 from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import make_generator
 
 __all__ = ["SpectralDensity", "slq"]
 
@@ -80,8 +81,7 @@ def slq(
     """
     check_int_in_range(n_iter, "n_iter", 1)
     r = check_int_in_range(n_runs, "n_runs", 1)
-    if isinstance(generator, int):
-        generator = torch.Generator(device=op.device).manual_seed(generator)
+    generator = make_generator(generator, op.device)
     nodes, weights = [], []
     for _ in range(r):
         T, _ = lanczos_tridiagonal(op, n_iter, generator=generator)

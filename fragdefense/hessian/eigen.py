@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fragdefense.hessian.hvp import HessianOperator
 from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import make_generator
 
 __all__ = ["EigenResult", "lanczos", "lanczos_tridiagonal", "power_iteration", "exact_eigen", "WHICH"]
 
@@ -69,9 +70,7 @@ def _project_out(w: Tensor, Q: Tensor) -> Tensor:
 
 
 def _generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
-    return generator
+    return make_generator(generator, device)  # the seeding convention: None | int seed | torch.Generator
 
 
 def lanczos_tridiagonal(

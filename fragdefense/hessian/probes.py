@@ -29,6 +29,7 @@ from fragdefense.hessian.hvp import Objective, eval_mode, input_hessian
 from fragdefense.metrics import functional as MF
 from fragdefense.models.surrogate import softplus_surrogate
 from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import make_generator, parse_budget
 
 __all__ = [
     "input_top_eigen",
@@ -172,7 +173,7 @@ def map_change_along_directions(
     target: Tensor | None = None,
     *,
     beta: float | None = 10.0,
-    radii: Sequence[float] = (0.05, 0.1, 0.2, 0.5, 1.0),
+    radii: Sequence[float | str] = (0.05, 0.1, 0.2, 0.5, 1.0),
     k_eig: int = 1,
     n_random: int = 8,
     topk: int = 100,
@@ -204,12 +205,12 @@ def map_change_along_directions(
         raise ValueError(f"`x` must be images (B, C, H, W), got {getattr(x, 'shape', x)}")
     k_eig = check_int_in_range(k_eig, "k_eig", 1)
     n_random = check_int_in_range(n_random, "n_random", 1)
-    radii = [float(r) for r in radii]
+    radii = [parse_budget(r, "radii") for r in radii]  # L2 lengths in pixel units: numbers or "8/255"
     if not radii or min(radii) <= 0:
         raise ValueError(f"`radii` must be a non-empty list of numbers > 0, got {radii}")
     b, c, h, w = x.shape
     topk = check_int_in_range(topk, "topk", 1, h * w)
-    gen = torch.Generator(device=x.device).manual_seed(generator) if isinstance(generator, int) else generator
+    gen = make_generator(generator, x.device)
     soft = surrogate(model, beta)
     x = x.detach()
     if target is None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fragdefense.hessian.hvp import HessianOperator
 from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.conventions import make_generator
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp", "exact_trace"]
 
@@ -43,9 +44,7 @@ def _probes(b: int, n: int, m: int, dist: str, dtype: torch.dtype, device: torch
 
 
 def _gen(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
-    return generator
+    return make_generator(generator, device)  # the seeding convention: None | int seed | torch.Generator
 
 
 def _stderr(samples: Tensor) -> Tensor:
