@@ -1,4 +1,4 @@
-"""Benchmark of the interpretation attacks (issue: attacks on interpretations).
+"""Benchmark of the interpretation attacks (Ghorbani et al.'s top-k attack on saliency maps).
 
 1. Cost of one attack iteration relative to the algorithm's floor — one forward plus one double-backward
    of the same batch through the softplus surrogate (``grad_x D(map(x))``) — with the label/criterion check

@@ -1,4 +1,4 @@
-"""Hessian benchmarks (REFERENCE.md section 6), ratios measured in one run.
+"""Hessian benchmarks (``docs/background.md`` §6), ratios measured in one run.
 
 1. **Parameter Hessian, top eigenvalue** of a small CNN's cross-entropy on a batch of 128 (``small_cnn``,
    ``--width 6``: ~5.4k parameters, trained for a few epochs on the synthetic data), tolerance ``--tol 1e-3``:

@@ -1,5 +1,5 @@
-"""Overhead of the FragilityMonitor at its default settings (``configs/callbacks/default.yaml``) as a share of a
-training epoch of ``small_cnn`` on the CIFAR-10 JPEG copy (45 000 training images, batch 128).
+"""Overhead of the FragilityMonitor at its default settings (``fragdefense/configs/callbacks/default.yaml``) as a
+share of a training epoch of ``small_cnn`` on the CIFAR-10 JPEG copy (45 000 training images, batch 128).
 
 A full epoch takes minutes on 2 CPU cores, so the epoch is extrapolated from measured parts:
 

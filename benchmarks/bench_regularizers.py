@@ -3,9 +3,9 @@
 Same model (``small_cnn``, width 32, CIFAR-10 shapes), same batch (128 random 32x32 images, seeded), same
 optimizer (SGD); one step = :func:`fragdefense.regularizers.regularized_loss` (exactly what
 ``ClassifierModule.training_step`` computes) + ``backward`` + ``optimizer.step``. Each regularizer runs
-with its config-file defaults (``configs/regularizer/<name>.yaml``). Steps are timed interleaved
+with its config-file defaults (``fragdefense/configs/regularizer/<name>.yaml``). Steps are timed interleaved
 (round-robin over the regularizers, ``--repeat`` rounds after a warm-up round) and the median is reported,
-so a background load affects all rows alike. Goals (issue): ``input_grad`` <= 3x, ``pgd_at`` (7 steps) <= 9x.
+so a background load affects all rows alike. Goals: ``input_grad`` <= 3x, ``pgd_at`` (7 steps) <= 9x.
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_regularizers.py [--batch 128 --repeat 5]``.
 """

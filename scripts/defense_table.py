@@ -91,7 +91,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (proto, method) in zip(axes[0], combos):
         sub = [r for r in rows if r["protocol"] == proto and r["method"] == method]
         nat = next((r for r in sub if r["defense"] == "natural"), None)
-        if nat is not None:  # the goal: >= +10 points of top-k for <= 5 points of accuracy
+        if nat is not None:  # the goal: >= +10 points of top-k for <= 5 points of accuracy
             x0, y0 = 100 * nat["test_acc"] - 5, nat["topk_intersection"] + 0.10
             ax.fill_between([x0, 100 * nat["test_acc"] + 2], y0, 1.0, color="tab:green", alpha=0.08, lw=0)
         for r in sub:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Defense table on the CIFAR-10 JPEG copy (issue: defenses). Every defense fine-tunes the same natural
-# small_cnn checkpoint with identical settings (1 epoch over a 30% slice of the training split, SGD lr 0.01,
-# cosine schedule, batch 128, seed 0); "natural" is the same fine-tuning without a regularizer. Each model is
-# then attacked by fragdefense-eval twice on the same 64 test images: the Ghorbani top-k attack and an
-# IFIA-style attack (random start, softplus beta 50, best iterate by Kendall), on saliency and IG.
+# Defense table on the CIFAR-10 JPEG copy (training-time defenses; docs/defense_table_cifar10.md).
+# Every defense fine-tunes the same natural small_cnn checkpoint with identical settings (1 epoch over a 30%
+# slice of the training split, SGD lr 0.01, cosine schedule, batch 128, seed 0); "natural" is the same
+# fine-tuning without a regularizer. Each model is then attacked by fragdefense-eval twice on the same 64 test
+# images: the Ghorbani top-k attack and an IFIA-style attack (random start, softplus beta 50, best iterate by
+# Kendall), on saliency and IG.
 #
 #   FRAGDEFENSE_CIFAR10_JPEG=/path/to/cifar10-jpeg NATURAL_CKPT=runs/cifar10_small_cnn_e8/checkpoints/best-epoch07.ckpt \
 #   OUT=runs/defense N_IMAGES=32 bash scripts/defense_table.sh natural input_grad input_grad_w0.02 pgd_at pgd_at_eps2 ssr igr

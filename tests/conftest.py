@@ -18,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def cifar10_jpeg_root() -> str:
-    """Path of the CIFAR-10 JPEG copy (REFERENCE.md section 7), from $FRAGDEFENSE_CIFAR10_JPEG."""
+    """Path of the CIFAR-10 JPEG copy (docs/background.md §7), from $FRAGDEFENSE_CIFAR10_JPEG."""
     root = os.environ.get("FRAGDEFENSE_CIFAR10_JPEG")
     if not root:
         pytest.skip("real-data test: set FRAGDEFENSE_CIFAR10_JPEG to the extracted cifar10-jpeg folder (.ci/run does)")

@@ -1,4 +1,4 @@
-"""fragdefense-eval comparison mode (configs/eval_compare.yaml) end to end on tiny synthetic settings, the
+"""fragdefense-eval comparison mode (fragdefense/configs/eval_compare.yaml) end to end on tiny synthetic settings, the
 PGD-evidence check against a direct recomputation, and config errors. The model is trained inside the test."""
 
 from __future__ import annotations

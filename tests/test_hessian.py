@@ -162,7 +162,7 @@ def test_input_hessian_blocks_match_per_sample_autograd_hessian():
 
 
 def test_input_loss_hessian_of_relu_net_is_gauss_newton():
-    """REFERENCE.md section 6: for a piecewise-linear net the input Hessian of CE is W^T (diag p - p p^T) W."""
+    """docs/background.md §6: for a piecewise-linear net the input Hessian of CE is W^T (diag p - p p^T) W."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
     net = net.double().eval()

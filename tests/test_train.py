@@ -40,7 +40,7 @@ def _options(group: str) -> list[str]:
 
 def test_every_group_has_options():
     for g in GROUPS:
-        assert _options(g), f"configs/{g}/ is empty"
+        assert _options(g), f"fragdefense/configs/{g}/ is empty"
     assert "none" in _options("regularizer")
 
 

@@ -1,5 +1,5 @@
 """Hessian-spectrum utilities (parameter and input Hessians) and probes of the geometric explanation of
-fragility (REFERENCE.md section 6).
+fragility (Ghorbani, Abid & Zou, "Interpretation of Neural Networks is Fragile"; ``docs/background.md`` §6).
 
 * :mod:`~fragdefense.hessian.hvp` — Hessian-vector products as batched operators: :func:`param_hessian`
   (loss over a batch or a dataloader), :func:`input_hessian` (per image, of a logit or of the loss).

@@ -1,4 +1,4 @@
-"""Exact influence functions for a linear last layer on frozen features (Koh & Liang; REFERENCE.md section 4).
+"""Exact influence functions for a linear last layer on frozen features (Koh & Liang; ``docs/background.md`` §4).
 
 The model is ``logits = W phi + b`` on features ``phi`` (``(N, D)``) of a frozen network, trained on the mean
 cross-entropy (softmax, ``C >= 2`` outputs) or logistic loss (one output, labels in ``{0, 1}``) plus

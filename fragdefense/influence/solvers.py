@@ -2,7 +2,7 @@
 
 Every solver takes ``matvec``, a function mapping a batch of vectors ``V`` of shape ``(T, P)`` to ``V H``
 (``H`` symmetric, ``(P, P)``; damping already included), and right-hand sides ``B`` ``(T, P)``, and returns
-``X`` ``(T, P)`` with ``X H ~= B`` (REFERENCE.md section 4):
+``X`` ``(T, P)`` with ``X H ~= B`` (the options listed in ``docs/background.md`` §4):
 
 * :func:`solve_exact` — Cholesky of an explicit ``H`` (small parameter sets);
 * :func:`conjugate_gradient` — CG, one independent recursion per row, all rows in one ``matvec`` call;
