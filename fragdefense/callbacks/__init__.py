@@ -6,6 +6,11 @@
 * :class:`InfluenceMonitor` — influence functions of probe images on a training subset every N epochs: their
   most influential training images (W&B panels / PNGs) and the influence attack's fragility figures.
 * :class:`HessianMonitor` — parameter-Hessian top eigenvalue and trace, input-Hessian lambda_max on the probe set.
+
+Each takes any LightningDataModule or dataloader: the probe is the datamodule's ``probe_batch()`` when it has one,
+else the first images of its validation (else test, else train) loader, or an explicit ``probe=`` (an ``(x, y)``
+pair or a DataLoader); images in ``[0, 1]``. The network is ``pl_module.model`` (else the LightningModule), or
+``model=`` (an attribute path or a callable ``pl_module -> nn.Module``).
 """
 
 from fragdefense.callbacks.fragility import (

@@ -1,8 +1,9 @@
 """Fragility monitoring while training: attacks on interpretations on a fixed probe set, every N epochs.
 
-:class:`FragilityMonitor` runs, on the datamodule's fixed probe subset of the test split
-(``trainer.datamodule.probe_batch()``), every configured attribution method against every configured attack
-(:func:`fragdefense.attacks.attack_interpretation`) and logs, per epoch,
+:class:`FragilityMonitor` runs, on a fixed probe set (the datamodule's ``probe_batch()`` subset of the test split;
+for any other datamodule or dataloader the first ``n_probe`` images of its validation loader, or ``probe=``), every
+configured attribution method against every configured attack (:func:`fragdefense.attacks.attack_interpretation`)
+and logs, per epoch,
 
 * ``fragility/probe_acc``: clean accuracy on the probe images;
 * ``fragility/<method>/<attack>/<metric>`` for ``topk_intersection``, ``spearman``, ``kendall``,
@@ -62,6 +63,15 @@ from torch import Tensor, nn
 
 from fragdefense.attacks import attack_interpretation
 from fragdefense.attributions import get_attribution, supports_create_graph
+from fragdefense.callbacks._probe import (
+    ImageSource,
+    NetworkSpec,
+    check_images,
+    check_network_spec,
+    find_probe,
+    images_from,
+    resolve_network,
+)
 from fragdefense.metrics import functional as MF
 from fragdefense.utils.checks import parse_eps
 
@@ -194,6 +204,21 @@ class FragilityMonitor(L.Callback):
             (or absolute); ``None``: no figure.
         seed: seed of the random attacks' per-image generators (and of the global RNG inside the evaluation,
             for stochastic attribution methods such as SmoothGrad).
+        probe: the probe images, instead of the datamodule's: an ``(x, y)`` pair (images in ``[0, 1]``), a dict
+            as ``probe_batch()`` returns, a dataset or a ``DataLoader`` / iterable of ``(x, y)`` batches (the
+            first ``n_probe`` images). Without it: ``datamodule.probe_batch()`` when the datamodule has one, else
+            the first ``n_probe`` images of its ``val_dataloader()`` (else ``test_dataloader()``, else
+            ``train_dataloader()``; or of the dataloaders given to ``fit``).
+        probe_seed: seed of the loader's RNGs while the probe is read (a shuffled loader gives the same images
+            every time; the training RNGs are restored).
+        model: the network to evaluate: ``None`` (``pl_module.model`` if it is an ``nn.Module``, else the
+            LightningModule), an attribute path of the LightningModule (``"net"``, ``"ema.module"``) or a
+            callable ``pl_module -> nn.Module``. It must take images in ``[0, 1]`` and return logits.
+
+    Any LightningDataModule or dataloader works (no ``probe_batch()`` needed)::
+
+        mon = FragilityMonitor(attacks=["random_sign"], n_probe=16)           # 16 images of val_dataloader()
+        mon = FragilityMonitor(probe=my_loader, model="net")                   # explicit probe and network
 
     Example:
         >>> from fragdefense.models import create_model
@@ -234,6 +259,9 @@ class FragilityMonitor(L.Callback):
         on_validate: bool = True,
         maps_png: str | None = "fragility_maps.png",
         seed: int = 0,
+        probe: ImageSource | None = None,
+        probe_seed: int = 0,
+        model: NetworkSpec = None,
     ) -> None:
         super().__init__()
         methods, attacks, beta = _plain(methods), _plain(attacks), _plain(beta)
@@ -288,6 +316,9 @@ class FragilityMonitor(L.Callback):
         self.on_validate = bool(on_validate)
         self.maps_png = maps_png
         self.seed = _int(seed, "seed", 0)
+        self.probe = probe
+        self.probe_seed = _int(probe_seed, "probe_seed", 0)
+        self.model = check_network_spec(model, "FragilityMonitor")
         #: the last evaluation (any stage) and the end-of-fit one
         self.last: FragilityReport | None = None
         self.final: FragilityReport | None = None
@@ -363,7 +394,8 @@ class FragilityMonitor(L.Callback):
         Args:
             model: classifier, images in ``[0, 1]`` -> logits (e.g. ``ClassifierModule.model``).
             probe: ``{"x": (P,C,H,W), "y": (P,), "mask": (P,H,W) or None, "indices": list}`` as
-                ``probe_batch()`` returns; the first ``n_probe`` images are used.
+                ``probe_batch()`` returns, or any source the ``probe`` argument accepts (an ``(x, y)`` pair, a
+                ``DataLoader``, ...); the first ``n_probe`` images are used.
             rank, world_size: this process's shard is positions ``rank::world_size``. With
                 ``world_size > 1`` every process must call this (the metrics synchronise at ``compute``).
             epoch, global_step, stage: recorded in the report.
@@ -377,6 +409,10 @@ class FragilityMonitor(L.Callback):
         from fragdefense.metrics import CenterShift, KendallTau, LensTopK, MaskMass, SpearmanRank, TopKIntersection
 
         t0 = time.perf_counter()
+        if isinstance(probe, Mapping) and "indices" in probe:
+            check_images(probe["x"], "FragilityMonitor")
+        else:
+            probe = images_from(probe, self.n_probe, seed=self.probe_seed, owner="FragilityMonitor")
         p = next(iter(model.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
         n_all = int(len(probe["y"]))
@@ -592,26 +628,15 @@ class FragilityMonitor(L.Callback):
 
     def _get_probe(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._probe is None:
-            dm = getattr(trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "probe_batch"):
-                raise RuntimeError(
-                    "FragilityMonitor needs a datamodule with probe_batch() (every fragdefense datamodule has one); "
-                    "pass `datamodule=` to fit/validate"
-                )
-            with torch.inference_mode(False):
-                batch = dm.probe_batch()
-                self._probe = {
-                    "x": batch["x"].clone(),
-                    "y": batch["y"].clone(),
-                    "mask": batch["mask"].clone() if batch.get("mask") is not None else None,
-                    "indices": list(batch["indices"]),
-                }
+            self._probe = find_probe(
+                trainer, probe=self.probe, n=self.n_probe, seed=self.probe_seed, owner="FragilityMonitor"
+            )
             if len(self._probe["y"]) == 0:
                 warnings.warn("FragilityMonitor: the probe set is empty (data.probe_size=0)", stacklevel=2)
         return self._probe
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, stage: str = "fit") -> FragilityReport:
-        net = pl_module.model if isinstance(getattr(pl_module, "model", None), nn.Module) else pl_module
+        net = resolve_network(pl_module, self.model, "FragilityMonitor")
         with preserve_training_state(pl_module, pl_module.device):
             rep = self.evaluate(
                 net,

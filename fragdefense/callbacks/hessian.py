@@ -1,8 +1,8 @@
 """Hessian monitoring while training: curvature of the loss (parameters) and of the input (probe images).
 
 :class:`HessianMonitor` evaluates, every ``every_n_epochs`` epochs at the end of the epoch, on the datamodule's
-fixed probe subset of the test split (``trainer.datamodule.probe_batch()``, as
-:class:`~fragdefense.callbacks.FragilityMonitor`):
+fixed probe subset of the test split (``trainer.datamodule.probe_batch()``; for any other datamodule or dataloader
+the first images of its validation loader, or ``probe=``; as :class:`~fragdefense.callbacks.FragilityMonitor`):
 
 * ``hessian/param_top_eig`` (and ``hessian/param_eig_<i>`` for ``top_k > 1``): top eigenvalues of the Hessian
   of the mean cross-entropy w.r.t. the parameters on the first ``n_param_samples`` probe images (Lanczos);
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fragdefense.callbacks._probe import ImageSource, NetworkSpec, check_network_spec, find_probe, resolve_network
 from fragdefense.callbacks.fragility import preserve_training_state
 from fragdefense.hessian import hutchpp, input_top_eigen, lanczos, param_hessian
 from fragdefense.hessian.probes import surrogate
@@ -106,6 +107,13 @@ class HessianMonitor(L.Callback):
         history_json: file name (relative to ``trainer.default_root_dir``) of the per-evaluation history, written
             at the end of fit by rank 0 (``None``: not written).
         seed: seed of the random start vectors (the same at every evaluation).
+        probe: the probe images, instead of the datamodule's (an ``(x, y)`` pair with images in ``[0, 1]``, a
+            ``DataLoader`` or an iterable of batches; the first ``max(n_param_samples, n_input)`` images). Without
+            it: ``datamodule.probe_batch()``, else the first images of its ``val_dataloader()`` (else
+            ``test_dataloader()``, else ``train_dataloader()``).
+        probe_seed: seed of the loader's RNGs while the probe is read.
+        model: the network (``None``: ``pl_module.model`` if it is an ``nn.Module``, else the LightningModule;
+            an attribute path such as ``"net"``; or a callable ``pl_module -> nn.Module``).
 
     Example:
         >>> mon = HessianMonitor(every_n_epochs=2, n_input=16)
@@ -126,6 +134,9 @@ class HessianMonitor(L.Callback):
         tol: float = 1e-3,
         history_json: str | None = "hessian_history.json",
         seed: int = 0,
+        probe: ImageSource | None = None,
+        probe_seed: int = 0,
+        model: NetworkSpec = None,
     ) -> None:
         super().__init__()
         self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 1)
@@ -141,6 +152,9 @@ class HessianMonitor(L.Callback):
         self.tol = float(tol)
         self.history_json = history_json
         self.seed = _int(seed, "seed", 0)
+        self.probe = probe
+        self.probe_seed = _int(probe_seed, "probe_seed", 0)
+        self.model = check_network_spec(model, "HessianMonitor")
         #: one dict per evaluation: {"epoch", "global_step", <metric>: value, "seconds"}
         self.history: list[dict[str, float]] = []
         self.json_path: Path | None = None
@@ -148,15 +162,9 @@ class HessianMonitor(L.Callback):
 
     def _get_probe(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
         if self._probe is None:
-            dm = getattr(trainer, "datamodule", None)
-            if dm is None or not hasattr(dm, "probe_batch"):
-                raise RuntimeError(
-                    "HessianMonitor needs a datamodule with probe_batch() (every fragdefense datamodule has one); "
-                    "pass `datamodule=` to fit"
-                )
-            with torch.inference_mode(False):
-                batch = dm.probe_batch()
-                self._probe = (batch["x"].clone(), batch["y"].clone())
+            n = max(self.n_param_samples, self.n_input, 1)
+            batch = find_probe(trainer, probe=self.probe, n=n, seed=self.probe_seed, owner="HessianMonitor")
+            self._probe = (batch["x"], batch["y"])
         return self._probe
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -186,10 +194,12 @@ class HessianMonitor(L.Callback):
         x, y = self._get_probe(trainer)
         if len(y) == 0:
             return
-        net = pl_module.model if isinstance(getattr(pl_module, "model", None), nn.Module) else pl_module
-        with preserve_training_state(pl_module, pl_module.device), torch.inference_mode(False):
+        net = resolve_network(pl_module, self.model, "HessianMonitor")
+        p = next(iter(net.parameters()), None)
+        device = p.device if p is not None else pl_module.device
+        with preserve_training_state(pl_module, device), preserve_training_state(net), torch.inference_mode(False):
             net.eval()
-            out = self.evaluate(net, x.to(pl_module.device), y.to(pl_module.device))
+            out = self.evaluate(net, x.to(device), y.to(device))
         self.history.append({"epoch": epoch, "global_step": int(trainer.global_step), **out})
         pl_module.log_dict(
             {_PREFIX + k: float(v) for k, v in out.items()},

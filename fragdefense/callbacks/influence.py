@@ -1,7 +1,8 @@
 """Influence-function monitoring while training (Koh & Liang; the attack of Ghorbani et al.; REFERENCE.md section 4).
 
-:class:`InfluenceMonitor` takes, every N epochs, a few probe test images (``trainer.datamodule.probe_batch()``) and a
-fixed, seeded subset of the training split, and computes the exact influence of those training images on the
+:class:`InfluenceMonitor` takes, every N epochs, a few probe test images (``trainer.datamodule.probe_batch()``; for
+any other datamodule or dataloader the first images of its validation loader, or ``probe=``) and a fixed, seeded
+subset of the training split (or of ``train_data=``), and computes the exact influence of those training images on the
 probe predictions through the model's current last linear layer (:class:`~fragdefense.influence.LastLayerInfluence`,
 with ``damping``: the model is not at an optimum of the last layer's loss alone). It logs
 
@@ -32,8 +33,15 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
 
+from fragdefense.callbacks._probe import (
+    ImageSource,
+    NetworkSpec,
+    check_network_spec,
+    find_probe,
+    find_train_subset,
+    resolve_network,
+)
 from fragdefense.callbacks.fragility import preserve_training_state
 from fragdefense.influence import (
     INFLUENCE_ATTACKS,
@@ -72,6 +80,16 @@ class InfluenceMonitor(L.Callback):
         save_png: also write the PNG when a W&B logger is present.
         batch_size: images per feature batch.
         seed: seed of the random-sign baseline.
+        probe: the probe images, instead of the datamodule's (an ``(x, y)`` pair with images in ``[0, 1]``, a
+            ``DataLoader`` or an iterable of batches; the first ``n_probe`` images). Without it:
+            ``datamodule.probe_batch()``, else the first images of its ``val_dataloader()`` (else
+            ``test_dataloader()``, else ``train_dataloader()``).
+        train_data: the training images, instead of the datamodule's training split (an ``(x, y)`` pair, a
+            dataset or a ``DataLoader``; ``n_train`` of them drawn with ``train_seed``). Without it: the
+            datamodule's ``train_set``, else the dataset of its ``train_dataloader()``.
+        probe_seed: seed of the loader's RNGs while the probe is read.
+        model: the network (``None``: ``pl_module.model`` if it is an ``nn.Module``, else the LightningModule;
+            an attribute path such as ``"net"``; or a callable ``pl_module -> nn.Module``).
 
     Example:
         >>> from fragdefense.models import create_model
@@ -105,6 +123,10 @@ class InfluenceMonitor(L.Callback):
         save_png: bool = False,
         batch_size: int = 256,
         seed: int = 0,
+        probe: ImageSource | None = None,
+        train_data: ImageSource | None = None,
+        probe_seed: int = 0,
+        model: NetworkSpec = None,
     ) -> None:
         super().__init__()
         self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 1)
@@ -134,6 +156,10 @@ class InfluenceMonitor(L.Callback):
         self.save_png = bool(save_png)
         self.batch_size = _int(batch_size, "batch_size", 1)
         self.seed = _int(seed, "seed", 0)
+        self.probe = probe
+        self.train_data = train_data
+        self.probe_seed = _int(probe_seed, "probe_seed", 0)
+        self.model = check_network_spec(model, "InfluenceMonitor")
         self.last: dict[str, Any] | None = None
         self.png_paths: list[Path] = []
         self._data: dict[str, Any] | None = None
@@ -215,34 +241,15 @@ class InfluenceMonitor(L.Callback):
     def _get_data(self, trainer: L.Trainer) -> dict[str, Any]:
         if self._data is not None:
             return self._data
-        dm = getattr(trainer, "datamodule", None)
-        if (
-            dm is None
-            or not hasattr(dm, "probe_batch")
-            or getattr(dm, "train_set", None) is None
-            and not hasattr(dm, "setup")
-        ):
-            raise RuntimeError("InfluenceMonitor needs a fragdefense datamodule (probe_batch(), train_set)")
-        with torch.inference_mode(False):
-            probe = dm.probe_batch()
-            if getattr(dm, "train_set", None) is None:
-                dm.setup("fit")
-            ds = dm.train_set
-            if isinstance(ds, Subset) and hasattr(dm, "_eval_view"):
-                ds = Subset(dm._eval_view(ds.dataset), ds.indices)  # no per-image augmentation
-            g = torch.Generator().manual_seed(self.train_seed)
-            pos = torch.randperm(len(ds), generator=g)[: min(self.n_train, len(ds))].sort().values.tolist()
-            items = [ds[i] for i in pos]
-            self._data = {
-                "probe": {
-                    "x": probe["x"][: self.n_probe].clone(),
-                    "y": probe["y"][: self.n_probe].clone(),
-                    "indices": list(probe["indices"])[: self.n_probe],
-                },
-                "x_train": torch.stack([it[0] for it in items]),
-                "y_train": torch.tensor([int(it[1]) for it in items]),
-                "train_indices": pos,
-            }
+        owner = "InfluenceMonitor"
+        probe = find_probe(trainer, probe=self.probe, n=self.n_probe, seed=self.probe_seed, owner=owner)
+        train = find_train_subset(trainer, data=self.train_data, n=self.n_train, seed=self.train_seed, owner=owner)
+        self._data = {
+            "probe": {"x": probe["x"], "y": probe["y"], "indices": probe["indices"]},
+            "x_train": train["x"],
+            "y_train": train["y"],
+            "train_indices": train["indices"],
+        }
         if len(self._data["probe"]["y"]) == 0:
             warnings.warn("InfluenceMonitor: the probe set is empty (data.probe_size=0)", stacklevel=2)
         return self._data
@@ -252,9 +259,9 @@ class InfluenceMonitor(L.Callback):
         if len(data["probe"]["y"]) == 0:
             return
         epoch = int(trainer.current_epoch)
-        net = pl_module.model if isinstance(getattr(pl_module, "model", None), nn.Module) else pl_module
+        net = resolve_network(pl_module, self.model, "InfluenceMonitor")
         t0 = time.perf_counter()
-        with preserve_training_state(pl_module, pl_module.device):
+        with preserve_training_state(pl_module, pl_module.device), preserve_training_state(net):
             rep = self.evaluate(net, data["probe"], data["x_train"], data["y_train"])
         rep["epoch"] = epoch
         rep["seconds"] = time.perf_counter() - t0

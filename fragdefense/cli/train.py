@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.callbacks import FragilityMonitor
 from fragdefense.cli._config import config_dir
+from fragdefense.models import model_config_for_checkpoint
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["train", "main"]
@@ -159,11 +160,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     regularizer = instantiate(cfg.regularizer, _convert_="all") if _is_set(cfg.get("regularizer")) else None
-    model_config = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "_target_"}
+    # what the checkpoint stores to rebuild the model: create_model arguments, or the `_target_` node of any nn.Module
+    model_config = model_config_for_checkpoint(OmegaConf.to_container(cfg.model, resolve=True))
     if regularizer is not None:
         model = regularizer.prepare_model(model)
         model_config.update(regularizer.model_config_update())
-    module = instantiate(cfg.module, model=model, regularizer=regularizer, model_config=model_config, _convert_="all")
+    # (_partial_: the objects and model_config are passed as they are; Hydra would instantiate a nested `_target_`)
+    module = instantiate(cfg.module, _partial_=True, _convert_="all")(
+        model=model, regularizer=regularizer, model_config=model_config
+    )
 
     ckpt_path = _resume_checkpoint(cfg, run_dir)
     logger_kw = {"run_id": _wandb_run_id(run_dir)} if _is_set(cfg.get("logger")) and _takes_run_id(cfg.logger) else {}
@@ -184,7 +189,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams(resolved)
 
     datamodule.setup("fit")
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and hasattr(datamodule, "save_probe"):  # (any LightningDataModule can be trained on)
         datamodule.save_probe(run_dir / "probe_indices.json")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -201,7 +206,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     epoch_s = list(getattr(timer, "epoch_seconds", []))
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "model": cfg.model.get("name"),
+        "model": cfg.model.get("name") or cfg.model.get("_target_"),
         "data": getattr(datamodule, "name", type(datamodule).__name__),
         "regularizer": regularizer.name if regularizer is not None else None,
         "seed": int(cfg.seed),

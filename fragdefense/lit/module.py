@@ -66,21 +66,34 @@ class ClassifierModule(L.LightningModule):
     """Cross-entropy classification with optional regularizer, per-stage accuracy, and schedulers.
 
     Args:
-        model: an ``nn.Module`` mapping images in ``[0, 1]`` to logits (see :mod:`fragdefense.models`).
-        num_classes: number of classes (for the accuracy metrics).
+        model: an ``nn.Module`` mapping images in ``[0, 1]`` to logits (see :mod:`fragdefense.models`);
+            ``None``: rebuilt from ``model_config`` (this is how ``load_from_checkpoint`` gets it).
+        num_classes: number of classes (for the accuracy metrics); ``None``: ``model.num_classes``.
         optimizer: ``{"name": "sgd"|"adam"|"adamw", "lr": ..., **kwargs}``.
         scheduler: ``{"name": "onecycle"|"cosine"|"step"|"none", ...}``; ``onecycle`` and ``cosine`` are
             stepped per batch (``warmup_epochs`` for cosine), ``step`` per epoch (``step_size``, ``gamma``).
         label_smoothing: cross-entropy label smoothing.
         regularizer: a :class:`~fragdefense.regularizers.Regularizer` or ``None``.
-        model_config: ``create_model`` arguments of ``model``, stored in the checkpoint's hyper-parameters so
-            :func:`fragdefense.models.load_checkpoint_model` can rebuild the model from the file alone.
+        model_config: how to rebuild ``model``, stored in the checkpoint's hyper-parameters (the model itself is
+            not) so that :func:`fragdefense.models.load_checkpoint_model` and ``ClassifierModule.load_from_checkpoint
+            (path)`` rebuild it from the file alone: ``create_model`` arguments (``{"name": ..., **kw}``) or
+            ``{"instantiate": <Hydra config with _target_>}`` for any ``nn.Module``
+            (:func:`fragdefense.models.model_from_config`).
+
+    The regularizer is not stored: a module loaded with ``load_from_checkpoint`` has none unless given
+    (``load_from_checkpoint(path, regularizer=...)``), which is what evaluation needs. Loading a checkpoint
+    outside of ``Trainer.fit`` leaves the global RNGs alone (they are restored only when resuming a fit).
+
+    Example:
+        >>> m = ClassifierModule(model_config={"name": "small_cnn", "num_classes": 3, "width": 4})
+        >>> m.model.name, m.num_classes
+        ('small_cnn', 3)
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        num_classes: int,
+        model: nn.Module | None = None,
+        num_classes: int | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         label_smoothing: float = 0.0,
@@ -89,7 +102,21 @@ class ClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "regularizer"])
+        if model is None:
+            if not model_config:
+                raise ValueError(
+                    "ClassifierModule needs `model` (an nn.Module) or `model_config` to rebuild it from; "
+                    "load_from_checkpoint(path, model=...) for a checkpoint written without model_config"
+                )
+            from fragdefense.models import model_from_config
+
+            model = model_from_config(model_config)
         self.model = model
+        if num_classes is None:
+            num_classes = getattr(model, "num_classes", None)
+            if not isinstance(num_classes, int):
+                raise ValueError("ClassifierModule needs `num_classes` (the model has no int `num_classes` attribute)")
+            self.hparams["num_classes"] = int(num_classes)  # stored in checkpoints
         self.num_classes = int(num_classes)
         self.optimizer_cfg = dict(optimizer or {"name": "sgd", "lr": 0.05, "momentum": 0.9})
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
@@ -147,7 +174,7 @@ class ClassifierModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("fragdefense_rng_states")
-        if states is not None:
+        if states is not None and self._trainer is not None:  # resuming a fit, not load_from_checkpoint
             set_rng_states(states)
 
     def configure_optimizers(self) -> Any:

@@ -1,7 +1,10 @@
 """Model registry (timm style): ``create_model(name, **kw)`` and ``list_models()``.
 
 Every model is wrapped in :class:`ImageClassifier`, which takes images in ``[0, 1]`` and normalises
-inside the model, so attack budgets ``eps`` are always in pixel units of ``[0, 1]`` images.
+inside the model, so attack budgets ``eps`` are always in pixel units of ``[0, 1]`` images. Besides the
+registered names, any torchvision classifier is ``"torchvision.<name>"`` and any timm model ``"timm.<name>"``
+(timm is optional: ``pip install timm``); nothing is ever downloaded. :func:`model_from_config` rebuilds a model
+from what a checkpoint stores (registry arguments, or the Hydra ``_target_`` config of any ``nn.Module``).
 
 >>> import torch
 >>> from fragdefense.models import create_model, list_models
@@ -14,7 +17,7 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,8 @@ __all__ = [
     "double_backward_batchnorm_",
     "load_checkpoint_model",
     "load_weights",
+    "model_from_config",
+    "model_config_for_checkpoint",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "IMAGENET_MEAN",
@@ -134,10 +139,36 @@ def _torchvision_factory(tv_name: str) -> Callable[..., nn.Module]:
             )
         kw.pop("weights", None)
         net = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kw)
-        for m in net.modules():  # in-place ReLUs break double backprop and captum's DeepLift
-            if isinstance(m, nn.ReLU):
-                m.inplace = False
-        return net
+        return _no_inplace_(net)
+
+    return fn
+
+
+def _no_inplace_(net: nn.Module) -> nn.Module:
+    """Turn off every in-place activation (``inplace=True`` ReLU, SiLU, Hardswish, ...): in-place activations break
+    double backprop (attacks through the map) and captum's DeepLift."""
+    for m in net.modules():
+        if getattr(m, "inplace", None) is True:
+            m.inplace = False
+    return net
+
+
+def _timm_factory(timm_name: str) -> Callable[..., nn.Module]:
+    def fn(num_classes: int = 1000, **kw: Any) -> nn.Module:
+        try:
+            import timm
+        except ImportError as e:
+            raise ImportError(f"model 'timm.{timm_name}' needs timm, an optional dependency: pip install timm") from e
+        if kw.pop("pretrained", False):
+            raise ValueError(
+                "`pretrained=True` downloads from the internet and is not supported; pass `weights_path=` to a "
+                "local weights file (.pth / .safetensors, e.g. from the Hugging Face cache) instead"
+            )
+        if not timm.is_model(timm_name):
+            raise ValueError(
+                f"unknown timm model {timm_name!r} (timm {timm.__version__}); see timm.list_models('<pattern>')"
+            )
+        return _no_inplace_(timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kw))
 
     return fn
 
@@ -148,11 +179,25 @@ for _n in _TORCHVISION:
 
 def list_models() -> list[str]:
     """Registered model names (sorted). Any torchvision classification model is also available as
-    ``"torchvision.<name>"``."""
+    ``"torchvision.<name>"`` and, with timm installed, any timm model as ``"timm.<name>"`` (e.g.
+    ``"timm.resnet10t"``; ``timm.list_models()`` lists them).
+
+    >>> list_models()[:3]
+    ['alexnet', 'preact_resnet18', 'resnet18']
+    """
     return sorted(_REGISTRY)
 
 
-def _default_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _default_stats(
+    name: str, backbone: nn.Module | None = None, in_chans: int | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if name.startswith("timm."):  # the timm model's own preprocessing, else ImageNet's
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        mean, std = tuple(cfg.get("mean") or IMAGENET_MEAN), tuple(cfg.get("std") or IMAGENET_STD)
+        c = int(in_chans or len(mean))
+        if len(mean) != c:  # e.g. in_chans=1: the channels' mean
+            mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
     if name in _TORCHVISION or name.startswith("torchvision."):
         return IMAGENET_MEAN, IMAGENET_STD
     return CIFAR10_MEAN, CIFAR10_STD
@@ -172,13 +217,15 @@ def create_model(
     """Build a registered model wrapped in :class:`ImageClassifier` (input in ``[0, 1]``).
 
     Args:
-        name: a name from :func:`list_models`, or ``"torchvision.<name>"`` for any torchvision model.
+        name: a name from :func:`list_models`, ``"torchvision.<name>"`` for any torchvision model, or
+            ``"timm.<name>"`` for any timm model (timm installed; created with ``pretrained=False``).
         num_classes: output classes.
         mean, std: per-channel normalisation applied inside the model (defaults: CIFAR-10 statistics for
-            the CIFAR architectures, ImageNet statistics for torchvision architectures).
+            the CIFAR architectures, ImageNet statistics for torchvision architectures, the ``pretrained_cfg``
+            mean / std of a timm model, else ImageNet's).
         weights_path: optional local file holding either a full ``ImageClassifier`` state dict, a
-            Lightning checkpoint of one, or a plain backbone state dict (e.g. torchvision's ``.pth``).
-            Nothing is ever downloaded.
+            Lightning checkpoint of one, or a plain backbone state dict (e.g. torchvision's ``.pth`` or a timm
+            ``.safetensors`` / ``.pth``). Nothing is ever downloaded.
         strict: passed to ``load_state_dict``.
         softplus_beta: when set, every ``nn.ReLU`` is replaced by ``softplus(beta * z) / beta`` (a network
             trained with the ``softplus_beta`` regularizer is rebuilt this way from its checkpoint).
@@ -186,22 +233,27 @@ def create_model(
 
     >>> create_model("resnet18_cifar", num_classes=100).num_classes
     100
+
+    In-place activations are turned off (they break double backprop). A timm model, e.g. (timm installed)
+    ``create_model("timm.resnet10t", num_classes=10)``, gets its ``pretrained_cfg`` normalisation.
     """
     if not isinstance(name, str):
         raise TypeError(f"`name` must be a model name string, got {type(name).__name__}")
     if name.startswith("torchvision."):
         factory = _torchvision_factory(name.split(".", 1)[1])
+    elif name.startswith("timm."):
+        factory = _timm_factory(name.split(".", 1)[1])
     elif name in _REGISTRY:
         factory = _REGISTRY[name]
     else:
         raise ValueError(
             f"unknown model `name`={name!r}; registered: {', '.join(list_models())} "
-            "(or 'torchvision.<name>' for any torchvision classification model)"
+            "(or 'torchvision.<name>' for any torchvision classification model, 'timm.<name>' for any timm model)"
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"`num_classes` must be an int >= 1, got {num_classes!r}")
-    dmean, dstd = _default_stats(name)
     backbone = factory(num_classes=num_classes, **kwargs)
+    dmean, dstd = _default_stats(name, backbone, kwargs.get("in_chans"))
     model = ImageClassifier(
         backbone,
         num_classes,
@@ -222,11 +274,16 @@ def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) 
     if not path.is_file():
         raise FileNotFoundError(f"`weights_path` does not exist or is not a file: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the argument name and the expected form
         raise ValueError(
             f"`weights_path` {path} is not a torch weights file ({type(e).__name__}: {e}); expected a state dict "
-            "(.pth) or a Lightning checkpoint (.ckpt)"
+            "(.pth, .safetensors) or a Lightning checkpoint (.ckpt)"
         ) from e
     if isinstance(state, dict) and "state_dict" in state:  # Lightning checkpoint
         state = {k.removeprefix("model."): v for k, v in state["state_dict"].items() if k.startswith("model.")}
@@ -243,9 +300,76 @@ def load_weights(model: ImageClassifier, path: str | Path, strict: bool = True) 
     return model
 
 
-def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
-    """Rebuild the model of a ``fragdefense-train`` checkpoint (architecture from its stored
-    ``model_config``, weights from its state dict), in eval mode.
+_CREATE_MODEL = "fragdefense.models.create_model"
+#: ``model_config`` entries a regularizer adds (``Regularizer.model_config_update``) that are applied to any model
+_POST_BUILD = ("softplus_beta",)
+
+
+def model_config_for_checkpoint(node: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores (``hyper_parameters["model_config"]``) to rebuild the model of a resolved Hydra
+    ``model`` config node: the :func:`create_model` arguments for ``_target_: fragdefense.models.create_model``,
+    else ``{"instantiate": node}`` (the whole node, ``_target_`` included, for ``hydra.utils.instantiate``).
+
+    >>> model_config_for_checkpoint({"_target_": "fragdefense.models.create_model", "name": "small_cnn", "width": 8})
+    {'name': 'small_cnn', 'width': 8}
+    >>> model_config_for_checkpoint({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3})
+    {'instantiate': {'_target_': 'torch.nn.Linear', 'in_features': 2, 'out_features': 3}}
+    """
+    node = dict(node)
+    if node.get("_target_", _CREATE_MODEL) == _CREATE_MODEL:
+        node.pop("_target_", None)
+        return node
+    return {"instantiate": node}
+
+
+def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a model (untrained weights) from a stored ``model_config``: :func:`create_model` arguments
+    (``{"name": ..., **kw}``; ``weights_path`` is ignored, the checkpoint has the weights), or
+    ``{"instantiate": <Hydra node with _target_>}`` for any ``nn.Module`` (built with ``hydra.utils.instantiate``;
+    its module must be importable). ``softplus_beta`` (written by the ``softplus_beta`` regularizer) replaces the
+    ReLUs as at training time.
+
+    >>> model_from_config({"name": "small_cnn", "width": 4}).name
+    'small_cnn'
+    >>> model_from_config({"instantiate": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}})
+    Linear(in_features=2, out_features=3, bias=True)
+    """
+    cfg = dict(model_config)
+    if "instantiate" not in cfg:
+        if "name" not in cfg:
+            raise ValueError(
+                f"`model_config` needs 'name' (create_model arguments) or 'instantiate' (a Hydra node with "
+                f"_target_), got keys {sorted(cfg)}"
+            )
+        cfg.pop("weights_path", None)
+        return create_model(**cfg)
+    node = cfg.pop("instantiate")
+    unknown = sorted(set(cfg) - set(_POST_BUILD))
+    if unknown:
+        raise ValueError(f"`model_config` has unknown keys {unknown} beside 'instantiate'; known: {list(_POST_BUILD)}")
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if not target:
+        raise ValueError(f"`model_config['instantiate']` must be a config with a `_target_`, got {node!r}")
+    from hydra.utils import instantiate  # lazily: the model layer does not need Hydra otherwise
+
+    try:
+        model = instantiate(dict(node), _convert_="all")
+    except Exception as e:  # noqa: BLE001 - re-raised with the target and what to do
+        raise ValueError(
+            f"cannot rebuild the model `_target_`={target!r} ({type(e).__name__}: {e}); its module must be "
+            "importable here as it was at training time (installed, or on PYTHONPATH)"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`_target_`={target!r} built a {type(model).__name__}, expected an nn.Module")
+    if cfg.get("softplus_beta") is not None:
+        relu_to_softplus_(model, float(cfg["softplus_beta"]))
+    return model
+
+
+def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model of a ``fragdefense-train`` (or ``ClassifierModule``) checkpoint, in eval mode: the
+    architecture from its stored ``model_config`` (:func:`model_from_config`: a registry model, or any
+    ``nn.Module`` trained from a Hydra ``_target_`` config), the weights from its state dict.
 
     Raises ``ValueError`` when the file is not a fragdefense checkpoint.
     """
@@ -260,14 +384,12 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
             "expected a .ckpt written by fragdefense-train"
         ) from e
     cfg = (ckpt.get("hyper_parameters") or {}).get("model_config") if isinstance(ckpt, dict) else None
-    if not cfg or "name" not in cfg:
+    if not cfg or ("name" not in cfg and "instantiate" not in cfg):
         raise ValueError(
-            f"`checkpoint` {path} has no stored model_config (not written by fragdefense-train); "
-            "use create_model(name, weights_path=...) instead"
+            f"`checkpoint` {path} has no stored model_config (not written by fragdefense-train or by a "
+            "ClassifierModule given `model_config=`); use create_model(name, weights_path=...) instead"
         )
-    cfg = dict(cfg)
-    cfg.pop("weights_path", None)
-    model = create_model(**cfg)
+    model = model_from_config(cfg)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model.eval()
