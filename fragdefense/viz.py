@@ -34,9 +34,18 @@ def _plt() -> Any:
 def plot_metrics_vs_eps(
     records: list[dict[str, Any]], path: str | Path, metrics: Sequence[str] = tuple(_LABELS)
 ) -> Path:
-    """One panel per metric; one line per (method, attack); x axis eps in /255 units."""
+    """One panel per metric; one line per (method, attack); x axis eps in /255 units. When no record has a
+    metric value (no image was attacked: every selected image misclassified), one panel saying so."""
     plt = _plt()
     metrics = [m for m in metrics if any(r.get(m) is not None for r in records)]
+    if not metrics:
+        fig, ax = plt.subplots(1, 1, figsize=(4.2, 3.6))
+        ax.text(0.5, 0.5, "no attacked images\n(every selected image misclassified)", ha="center", va="center")
+        ax.set_axis_off()
+        path = Path(path)
+        atomic_savefig(fig, path, dpi=120)
+        plt.close(fig)
+        return path
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     keys = sorted({(r["method"], r["attack"]) for r in records})
     styles = {"random_sign": ":", "random_walk": "-.", "topk": "-", "mass_center": "--"}

@@ -224,7 +224,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else None,
         "final_epoch_metrics": train_metrics,
         "test": test_metrics,
-        "device": str(module.device),
+        # (not module.device: Lightning moves the module back to the CPU when fit / test end)
+        "device": str(trainer.strategy.root_device),
         "torch": torch.__version__,
     }
     monitor = next((c for c in trainer.callbacks if isinstance(c, FragilityMonitor)), None)
