@@ -13,13 +13,11 @@ from fragdefense.utils.io import atomic_savefig
 
 __all__ = ["plot_metrics_vs_eps", "plot_examples"]
 
-_LABELS = {
-    "topk_intersection": "top-k intersection",
-    "spearman": "Spearman rank correlation",
-    "kendall": "Kendall tau",
-    "center_shift": "center-of-mass shift (px)",
-    "lens_recall": "LENS recall",
-}
+
+def _default_metrics() -> tuple[str, ...]:
+    from fragdefense.metrics.registry import list_metrics
+
+    return tuple(list_metrics(report=True, opts={"k": 1, "window": 1}))
 
 
 def _plt() -> Any:
@@ -31,13 +29,17 @@ def _plt() -> Any:
     return plt
 
 
-def plot_metrics_vs_eps(
-    records: list[dict[str, Any]], path: str | Path, metrics: Sequence[str] = tuple(_LABELS)
-) -> Path:
+def plot_metrics_vs_eps(records: list[dict[str, Any]], path: str | Path, metrics: Sequence[str] | None = None) -> Path:
     """One panel per metric; one line per (method, attack); x axis eps in /255 units. When no record has a
     metric value (no image was attacked: every selected image misclassified), one panel saying so."""
+    from fragdefense.metrics.registry import metric_label
+
     plt = _plt()
-    metrics = [m for m in metrics if any(r.get(m) is not None for r in records)]
+    metrics = [
+        m
+        for m in (metrics if metrics is not None else _default_metrics())
+        if any(r.get(m) is not None for r in records)
+    ]
     if not metrics:
         fig, ax = plt.subplots(1, 1, figsize=(4.2, 3.6))
         ax.text(0.5, 0.5, "no attacked images\n(every selected image misclassified)", ha="center", va="center")
@@ -58,7 +60,7 @@ def plot_metrics_vs_eps(
             ys = [r[metric] for r in rs if r.get(metric) is not None]
             ax.plot(xs, ys, styles.get(attack, "-"), marker="o", label=f"{method} / {attack}")
         ax.set_xlabel("eps (/255)")
-        ax.set_title(_LABELS.get(metric, metric))
+        ax.set_title(metric_label(metric))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -113,7 +113,7 @@ ROWS = [
         "unknown attack",
         lambda t: attack_interpretation(_NET, _X, _Y, attack="nope"),
         ValueError,
-        "unknown `attack`='nope'; expected one of",
+        "unknown `attack`='nope'; registered attacks: topk, mass_center",
     ),
     (
         "unknown regularizer",

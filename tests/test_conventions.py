@@ -479,9 +479,9 @@ def test_regularizers_keep_a_frozen_batchnorm_frozen(make, call):
     else:
         reg.penalty(model, x, x, y, model(x))
     _assert_frozen(model, stats)
-    if isinstance(reg, ART):  # the surrogate copies the flags submodule by submodule
+    if isinstance(reg, ART):  # the surrogate wraps the model itself: the frozen submodule is the model's own
         soft = reg.surrogate(model)
-        assert soft.training and not soft[1].training
+        assert soft.model is model and soft.model.training and not soft.model[1].training
 
 
 def test_eval_mode_is_one_function_and_keeps_frozen_submodules():

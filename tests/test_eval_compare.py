@@ -21,9 +21,9 @@ from fragdefense.models import create_model
 EXPLAINERS = (
     "+explainers={saliency:{},"
     "beta_smooth:{opts:{beta:3.0}},"
-    "uniform_grad:{opts:{n_samples:2,seed:0}},"
-    "local_smooth:{opts:{n_samples:2,iters:2,seed:0},surrogate:saliency},"
-    "local_smooth_unrolled:{method:local_smooth,opts:{n_samples:2,iters:2,seed:0}}}"
+    "uniform_grad:{opts:{n_samples:2,generator:0}},"
+    "local_smooth:{opts:{n_samples:2,iters:2,generator:0},surrogate:saliency},"
+    "local_smooth_unrolled:{method:local_smooth,opts:{n_samples:2,iters:2,generator:0}}}"
 )
 
 
@@ -107,7 +107,7 @@ def test_compare_mode_end_to_end(weights, tmp_path):
     assert all(0 <= r["topk_intersection"] < 1 and r["spearman"] < 1 for r in chk.values())
     md = (out / "results.md").read_text()
     assert md.startswith("| explainer") and "PGD evidence check" in md and "CPU s / explanation" in md
-    assert "| local_smooth | local_smooth | n_samples=2, iters=2, seed=0 | surrogate gradient: saliency" in md
+    assert "| local_smooth | local_smooth | n_samples=2, iters=2, generator=0 | surrogate gradient: saliency" in md
     assert (out / "robustness_vs_cost.png").stat().st_size > 1000
     assert list(out.glob("examples_*_topk.png"))
 

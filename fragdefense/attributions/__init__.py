@@ -52,13 +52,13 @@ from fragdefense.attributions.registry import (
     AttributionFn,
     AttributionSpec,
     attribute,
-    register_attribution,
-    resolve_attribution,
-    unregister_attribution,
     get_attribution,
     list_attributions,
     list_robust_attributions,
+    register_attribution,
+    resolve_attribution,
     supports_create_graph,
+    unregister_attribution,
 )
 from fragdefense.attributions.robust import (
     BALLS,

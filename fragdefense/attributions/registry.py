@@ -283,7 +283,7 @@ def resolve_attribution(method: str | AttributionFn | Any, name: str = "method")
 
 def _unknown(method: str, name: str) -> None:
     raise ValueError(
-        f"unknown attribution `{name}`={method!r}; registered: {', '.join(list_attributions())}; "
+        f"unknown attribution method `{name}`={method!r}; registered: {', '.join(list_attributions())}; "
         f"explanation defenses: {', '.join(list_robust_attributions())}; or pass a callable "
         "f(model, x, target) or a captum Attribution object"
     )

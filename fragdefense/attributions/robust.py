@@ -7,7 +7,7 @@ method             create_graph   definition
 ``uniform_grad``   yes            mean of ``d s_c / dx`` at ``x + u_i``, ``u_i`` uniform in an L-inf or L2 ball
                                   (Wang et al. 2020 "uniform gradient"; L2 ball as Wang & Kong 2024)
 ``local_smooth``   yes (unrolled) mask ``m in [0, 1]`` learned over noisy copies with an L1 penalty (Lim, Lee &
-                                  Kim 2021, "RelEx", seed 004); the graph runs through the optimisation steps
+                                  Kim 2021, "RelEx"); the graph runs through the optimisation steps
 =================  =============  ==============================================================================
 
 All three have the registry's call shape ``method(model, x, target=None, *, create_graph=False, **opts)``
@@ -47,7 +47,7 @@ from fragdefense.attributions._common import (
     predicted_target,
 )
 from fragdefense.attributions.smoothgrad import _make_generator, smoothgrad
-from fragdefense.models.softplus import set_softplus_beta, to_softplus
+from fragdefense.models.surrogate import softplus_surrogate
 from fragdefense.utils.checks import check_int_in_range, check_nonneg_float
 from fragdefense.utils.conventions import make_generator
 
@@ -86,14 +86,15 @@ def beta_smooth(
     abs: bool = False,
     output: OutputType = "logit",
 ) -> Tensor:
-    """beta-smoothed simple gradient (Dombrowski et al. 2019): ``d s_c(x) / dx`` of a copy of ``model`` whose
-    ReLUs are ``softplus(beta z) / beta`` (:func:`fragdefense.models.to_softplus`, parameters shared).
+    """beta-smoothed simple gradient (Dombrowski et al. 2019): ``d s_c(x) / dx`` of ``model`` with every ReLU
+    call evaluated as ``softplus(beta z) / beta`` (:func:`fragdefense.models.softplus_surrogate`: ``nn.ReLU``
+    modules and ``F.relu`` / ``torch.relu`` calls alike, parameters shared).
 
     The gradient of a softplus(beta) network approximates SmoothGrad of the ReLU network with a noise whose
     scale shrinks as ``1 / beta``; ``beta -> inf`` recovers :func:`~fragdefense.attributions.saliency`
-    (away from the ReLU kinks). If ``model`` already contains softplus modules made by ``to_softplus``
-    (e.g. an attack's surrogate), they are set to *this* ``beta`` in the copy, so an attack differentiates
-    exactly the map that is explained.
+    (away from the ReLU kinks). If ``model`` is itself a softplus surrogate (e.g. an attack's), its model is
+    re-wrapped with *this* ``beta``, so an attack differentiates exactly the map that is explained. Softplus
+    layers a model was *trained* with are part of the model and keep their own beta.
 
     Args:
         model, x, target, output, abs: as in :func:`~fragdefense.attributions.saliency`.
@@ -116,16 +117,15 @@ def beta_smooth(
     check_output(output)
     beta = _check_pos_float(beta, "beta")
     form = check_target_form(target, x.shape[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no nn.ReLU": fine when the model is already a softplus copy
-        soft = to_softplus(model, beta)
-    if set_softplus_beta(soft, beta) == 0:
-        warnings.warn(
-            "beta_smooth: `model` has no nn.ReLU (nor to_softplus) module; the result equals saliency",
-            stacklevel=2,
-        )
+    soft = softplus_surrogate(model, beta)
     inp = grad_input(x, create_graph)
     g, _ = input_gradient(soft, inp, form, output, create_graph)
+    if soft.n_relu_calls == 0:
+        warnings.warn(
+            "beta_smooth: `model` calls no ReLU (activations found: "
+            f"{soft.describe_activations()}); the result equals saliency",
+            stacklevel=2,
+        )
     if abs:
         g = g.abs()
     return g if create_graph else g.detach()
@@ -335,7 +335,8 @@ def local_smooth(
     unroll: int | None = None,
     internal_batch_size: int | None = 256,
 ) -> Tensor:
-    """Locally smoothed saliency (Lim, Lee & Kim, CVPR 2021, "RelEx"; seed 004): a per-image mask
+    """Locally smoothed saliency (RelEx: Lim, Lee & Kim, "Building Reliable Explanations of
+    Unreliable Neural Networks: Locally Smoothing Perspective of Model Interpretation", CVPR 2021): a per-image mask
     ``m in [0, 1]^(C x H x W)`` minimising :func:`local_smooth_objective` over noisy copies of ``x``.
 
     Algorithm (defaults = the authors' code, JBNU-VL/RelEx): ``m_0 ~ U(0, 0.01)``; at each of ``iters``

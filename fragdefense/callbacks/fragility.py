@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fragdefense.attacks import attack_interpretation
+from fragdefense.attacks import attack_interpretation, get_attack, list_attacks
 from fragdefense.attributions import get_attribution, supports_create_graph
 from fragdefense.callbacks._probe import (
     ImageSource,
@@ -73,6 +73,7 @@ from fragdefense.callbacks._probe import (
     resolve_network,
 )
 from fragdefense.metrics import functional as MF
+from fragdefense.metrics.registry import get_metric, list_metrics
 from fragdefense.utils.checks import parse_eps
 
 __all__ = [
@@ -80,23 +81,37 @@ __all__ = [
     "FragilityReport",
     "MONITOR_ATTACKS",
     "MONITOR_METRICS",
+    "monitor_attacks",
+    "monitor_metrics",
     "parse_eps",
     "preserve_training_state",
 ]
 
-#: Attacks the monitor can run (the targeted attacks need a per-image target, which a monitor has no way to pick).
-MONITOR_ATTACKS = ("random_sign", "random_walk", "topk", "mass_center")
-#: Per-(method, attack) metrics, in logging order (``mask_mass_attacked`` is added on data with masks).
-MONITOR_METRICS = (
-    "topk_intersection",
-    "spearman",
-    "kendall",
-    "center_shift",
-    "lens_recall",
-    "label_kept_rate",
-    "perturbed_rate",
-)
-_RANDOM_ATTACKS = ("random_sign", "random_walk")
+
+def monitor_attacks() -> tuple[str, ...]:
+    """Registered attacks the monitor can run: every attack of :func:`fragdefense.attacks.list_attacks` that needs
+    no per-image target (a monitor has no way to pick one).
+
+    >>> monitor_attacks()[:4]
+    ('topk', 'mass_center', 'random_walk', 'random_sign')
+    """
+    return tuple(a for a in list_attacks() if not get_attack(a).requires)
+
+
+def monitor_metrics(k: int = 100, lens_window: int = 1) -> tuple[str, ...]:
+    """Per-(method, attack) metrics in logging order: the reported metrics of the metric registry that apply
+    (:func:`fragdefense.metrics.registry.list_metrics`), then ``label_kept_rate``, ``perturbed_rate``
+    (``mask_mass_attacked`` is added on data with masks).
+
+    >>> monitor_metrics()
+    ('topk_intersection', 'spearman', 'kendall', 'center_shift', 'lens_recall', 'label_kept_rate', 'perturbed_rate')
+    """
+    return (*list_metrics(report=True, opts={"k": k, "window": lens_window}), "label_kept_rate", "perturbed_rate")
+
+
+#: the built-in monitor attacks and metrics at import time (the registries are the live source)
+MONITOR_ATTACKS = monitor_attacks()
+MONITOR_METRICS = monitor_metrics()
 _PREFIX = "fragility/"
 
 
@@ -281,19 +296,19 @@ class FragilityMonitor(L.Callback):
             attacks = [attacks]
         self.attacks = [str(a) for a in attacks]
         if not self.attacks:
-            raise ValueError(f"`attacks` is empty; give at least one of {MONITOR_ATTACKS}")
+            raise ValueError(f"`attacks` is empty; give at least one of {monitor_attacks()}")
         for a in self.attacks:
-            if a not in MONITOR_ATTACKS:
-                raise ValueError(f"unknown monitor attack {a!r}; expected one of {MONITOR_ATTACKS}")
+            if a not in monitor_attacks():
+                raise ValueError(f"unknown monitor attack {a!r}; expected one of {monitor_attacks()}")
         if len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"`attacks` has duplicates: {self.attacks}")
         for m in self.methods:
             get_attribution(m)  # raises with the list of known methods
             for a in self.attacks:
-                if a not in _RANDOM_ATTACKS and not supports_create_graph(m):
+                if get_attack(a).needs_gradient and not supports_create_graph(m):
                     raise ValueError(
                         f"attack {a!r} back-propagates through the map, but method {m!r} does not support "
-                        "create_graph; monitor it with random_sign / random_walk only"
+                        f"create_graph; monitor it with {' / '.join(list_attacks(needs_gradient=False))} only"
                     )
         self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 0)
         self.eps = parse_eps(eps)
@@ -368,13 +383,13 @@ class FragilityMonitor(L.Callback):
             if with_mask:
                 names.append(f"{m}/mask_mass_clean")
             for a in self.attacks:
-                names += [f"{m}/{a}/{x}" for x in MONITOR_METRICS]
+                names += [f"{m}/{a}/{x}" for x in monitor_metrics(self.k, self.lens_window)]
                 if with_mask:
                     names.append(f"{m}/{a}/mask_mass_attacked")
         return [_PREFIX + n for n in names] + [_PREFIX + "seconds"]
 
     def _randomised(self, attack: str) -> bool:
-        return attack in _RANDOM_ATTACKS or self.random_start
+        return not get_attack(attack).needs_gradient or self.random_start
 
     # --- the evaluation -------------------------------------------------------------------------------
     def evaluate(
@@ -406,7 +421,7 @@ class FragilityMonitor(L.Callback):
         """
         from torchmetrics.aggregation import MeanMetric
 
-        from fragdefense.metrics import CenterShift, KendallTau, LensTopK, MaskMass, SpearmanRank, TopKIntersection
+        from fragdefense.metrics import MaskMass
 
         t0 = time.perf_counter()
         if isinstance(probe, Mapping) and "indices" in probe:
@@ -429,17 +444,17 @@ class FragilityMonitor(L.Callback):
             h, w = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
             k = min(self.k, h * w)
 
+            metric_opts = {"k": k, "window": self.lens_window}
+            metric_names = list_metrics(report=True, opts=metric_opts)
             ms: dict[str, Any] = {"probe_acc": MeanMetric()}
             for m in self.methods:
                 if mask is not None:
                     ms[f"{m}/mask_mass_clean"] = MaskMass()
                 for a in self.attacks:
                     pre = f"{m}/{a}/"
-                    ms[pre + "topk_intersection"] = TopKIntersection(k)
-                    ms[pre + "spearman"] = SpearmanRank()
-                    ms[pre + "kendall"] = KendallTau()
-                    ms[pre + "center_shift"] = CenterShift()
-                    ms[pre + "lens_recall"] = LensTopK(k, self.lens_window, mode="recall")
+                    for name in metric_names:  # the registry's class, else a mean of the per-image values
+                        spec = get_metric(name)
+                        ms[pre + name] = spec.make_class(metric_opts) if spec.cls else MeanMetric()
                     ms[pre + "label_kept_rate"] = MeanMetric()
                     ms[pre + "perturbed_rate"] = MeanMetric()
                     if mask is not None:
@@ -491,11 +506,12 @@ class FragilityMonitor(L.Callback):
                         sel = [ch[i] for i in res.index.tolist()]
                         clean, adv = res.clean_map, res.adv_map
                         pre = f"{method}/{attack}/"
-                        ms[pre + "topk_intersection"].update(adv, clean)
-                        ms[pre + "spearman"].update(adv, clean)
-                        ms[pre + "kendall"].update(adv, clean)
-                        ms[pre + "center_shift"].update(adv, clean)
-                        ms[pre + "lens_recall"].update(clean, adv)
+                        for name in metric_names:
+                            spec = get_metric(name)
+                            if spec.cls:
+                                spec.update_class(ms[pre + name], adv, clean)
+                            else:
+                                ms[pre + name].update(res.metrics[name].float())
                         ms[pre + "label_kept_rate"].update(res.label_kept.float())
                         ms[pre + "perturbed_rate"].update(res.perturbed.float())
                         per_image = {k_: v.detach().double().cpu() for k_, v in res.metrics.items()}
@@ -668,7 +684,7 @@ class FragilityMonitor(L.Callback):
         from fragdefense.viz import plot_examples
 
         method = next(iter(self.methods))
-        attack = next((a for a in self.attacks if a not in _RANDOM_ATTACKS), self.attacks[0])
+        attack = next((a for a in self.attacks if get_attack(a).needs_gradient), self.attacks[0])
         ex = rep.examples.get((method, attack))
         if ex is None or not len(ex["x"]):
             return None

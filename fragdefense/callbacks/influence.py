@@ -1,4 +1,4 @@
-"""Influence-function monitoring while training (Koh & Liang; the attack of Ghorbani et al.; REFERENCE.md section 4).
+"""Influence-function monitoring while training (Koh & Liang; the attack of Ghorbani et al.; `docs/background.md` §4).
 
 :class:`InfluenceMonitor` takes, every N epochs, a few probe test images (``trainer.datamodule.probe_batch()``; for
 any other datamodule or dataloader the first images of its validation loader, or ``probe=``) and a fixed, seeded

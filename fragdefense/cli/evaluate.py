@@ -4,7 +4,7 @@
 ``mode=grid`` (default): the grid of ``methods`` x ``attacks`` x ``eps``. ``mode=compare``
 (``--config-name eval_compare``): the explanation methods of ``explainers`` (including the explanation-side
 defenses ``beta_smooth``, ``uniform_grad``, ``local_smooth``) under the same attacks and eps, with the
-measured cost of one explanation, a robustness-vs-cost plot and the PGD-evidence check of seed 004
+measured cost of one explanation, a robustness-vs-cost plot and the PGD-evidence check of Lim, Lee & Kim's claim
 (:func:`compare`).
 
 ``evaluate(cfg)`` is a plain function; ``main`` is the Hydra shell.
@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.attacks import attack_interpretation
+from fragdefense.attacks import attack_interpretation, get_attack
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
@@ -79,8 +79,8 @@ def _attack_cell(
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the grid described by ``cfg`` (see ``configs/eval.yaml``); returns the ``results.json`` payload.
-    ``cfg.mode == "compare"`` runs :func:`compare` instead (``configs/eval_compare.yaml``)."""
+    """Run the grid described by ``cfg`` (see ``fragdefense/configs/eval.yaml``); returns the ``results.json`` payload.
+    ``cfg.mode == "compare"`` runs :func:`compare` instead (``fragdefense/configs/eval_compare.yaml``)."""
     mode = str(cfg.get("mode", "grid"))
     if mode == "compare":
         return compare(cfg)
@@ -179,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         plot_metrics_vs_eps(records, out_dir / "metrics_vs_eps.png")
         for (m, a, e), ex in examples.items():
-            if e == max(eps_list) and a != "random_sign" or len(attacks) == 1:
+            if e == max(eps_list) and (get_attack(a).needs_gradient or len(attacks) == 1):
                 plot_examples(ex, out_dir / f"examples_{m}_{a}.png", title=f"{m} / {a} / eps={e * 255:.3g}/255")
     from rich.console import Console
     from rich.markdown import Markdown
@@ -301,7 +301,7 @@ def _pgd_evidence(
     device: torch.device,
     gen: torch.Generator,
 ) -> dict[str, Any]:
-    """Seed 004's claim: on PGD adversarial examples, does the map of the *original* class still point at the
+    """Lim, Lee & Kim's claim: on PGD adversarial examples, does the map of the *original* class still point at the
     original evidence? Per explainer: overlap (top-k intersection, Spearman, LENS recall) between the clean
     map ``M_y(x)`` and ``M_y(x_adv)``, and as a control ``M_{y_adv}(x_adv)`` (the adversarial class's map)."""
     from fragdefense.attacks import pgd_attack
@@ -385,7 +385,8 @@ def _seed_check(
     k, win, reduce = int(proto["k"]), int(proto.get("lens_window", 1)), str(proto.get("reduce", "abs_sum"))
     out: dict[str, Any] = {"n_images": int(x.shape[0]), "k": k, "explainers": {}}
     for label, spec in specs.items():
-        seed = spec["opts"].get("seed")
+        key = "generator" if "generator" in spec["opts"] else "seed"  # "seed": the deprecated alias
+        seed = spec["opts"].get(key)
         if seed is None:
             continue
 
@@ -397,7 +398,7 @@ def _seed_check(
                 ]
             )
 
-        a, b = maps(spec["opts"]), maps({**spec["opts"], "seed": int(seed) + 1})
+        a, b = maps(spec["opts"]), maps({**spec["opts"], key: int(seed) + 1})
         out["explainers"][label] = {
             "topk_intersection": float(MF.topk_intersection(a, b, k).double().mean()),
             "spearman": float(MF.spearman(a, b).double().mean()),
@@ -424,7 +425,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     proto["step_size"] = parse_eps(proto["step_size"])
     eps_list = [parse_eps(e) for e in cfg.eps]
     attacks = list(cfg.attacks)
-    gradient_attacks = [a for a in attacks if a not in ("random_walk", "random_sign")]
+    gradient_attacks = [a for a in attacks if get_attack(a).needs_gradient]
     for label, spec in specs.items():
         if gradient_attacks and not spec["differentiable"]:
             raise ValueError(
@@ -489,7 +490,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
                 "attribution": spec["method"],
                 "method_opts": spec["opts"],
                 "attack_path": "no gradient (random)"
-                if attack in ("random_sign", "random_walk")
+                if not get_attack(attack).needs_gradient
                 else _attack_path(spec, proto.get("beta")),
                 "surrogate": spec["surrogate"],
                 "surrogate_opts": spec["surrogate_opts"],
@@ -559,7 +560,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
 
         plot_robustness_vs_cost(records, out_dir / "robustness_vs_cost.png")
         for (lab, a, e), ex in examples.items():
-            if e == max(eps_list) and (a != "random_sign" or len(attacks) == 1):
+            if e == max(eps_list) and (get_attack(a).needs_gradient or len(attacks) == 1):
                 plot_examples(ex, out_dir / f"examples_{lab}_{a}.png", title=f"{lab} / {a} / eps={e * 255:.3g}/255")
     from rich.console import Console
     from rich.markdown import Markdown
@@ -635,7 +636,7 @@ def pgd_table(pgd: dict[str, Any]) -> str:
     """Markdown table of the PGD-evidence check."""
     p = pgd["protocol"]
     lines = [
-        f"PGD evidence check (seed 004): L-inf PGD eps={p['eps'] * 255:.3g}/255, {p['steps']} steps of "
+        f"PGD evidence check (Lim, Lee & Kim's claim): L-inf PGD eps={p['eps'] * 255:.3g}/255, {p['steps']} steps of "
         f"{p['step_size'] * 255:.3g}/255, random start; {pgd['n_flipped']} of {pgd['n_correct']} correctly "
         f"classified images flipped. Overlap of the clean map M_y(x) with the map of the original class "
         f"M_y(x_adv) and, as a control, of the adversarial class M_y'(x_adv); top-k with k={p['k']}, "

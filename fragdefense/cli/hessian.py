@@ -1,5 +1,5 @@
 """``fragdefense-hessian``: Hessian spectrum of a trained model and probes of the geometric explanation of
-fragility (REFERENCE.md section 6); writes ``results.json``, ``results.md`` and PNG figures.
+fragility (Ghorbani et al.; `docs/background.md` §6); writes ``results.json``, ``results.md`` and PNG figures.
 
 For the main model (``checkpoint=`` or ``model_name=`` + ``weights_path=``):
 
@@ -289,7 +289,8 @@ def _checkpoint_summary(
 
 
 def hessian(cfg: DictConfig) -> dict[str, Any]:
-    """Run the analysis described by ``cfg`` (see ``configs/hessian.yaml``); returns the ``results.json`` payload."""
+    """Run the analysis described by ``cfg`` (see ``fragdefense/configs/hessian.yaml``); returns the
+    ``results.json`` payload."""
     t0 = time.perf_counter()
     try:
         out_dir = Path(cfg.out_dir)

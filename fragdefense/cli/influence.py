@@ -1,5 +1,5 @@
 """``fragdefense-influence``: influence functions of a trained model's last layer and the attack on them
-(Ghorbani et al.; REFERENCE.md section 4). Writes ``results.json`` and a figure of the most influential training
+(Ghorbani et al.; `docs/background.md` §4). Writes ``results.json`` and a figure of the most influential training
 images of a few test images before and after the attack.
 
 Setting (the paper's two-flower task by default when ``classes`` lists two classes): the network's frozen
@@ -97,7 +97,7 @@ def _features(fn: Any, x: torch.Tensor, device: torch.device, bs: int) -> torch.
 
 
 def influence(cfg: DictConfig) -> dict[str, Any]:
-    """Run the influence experiment described by ``cfg`` (see ``configs/influence.yaml``); returns the
+    """Run the influence experiment described by ``cfg`` (see ``fragdefense/configs/influence.yaml``); returns the
     ``results.json`` payload."""
     t0 = time.perf_counter()
     try:

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from fragdefense.models.batchnorm import double_backward_batchnorm_
 from fragdefense.models.cifar import PreActResNet, ResNetCifar, SmallCNN, WideResNet
+from fragdefense.models.outputs import OutputSelector, check_logits, with_output
 from fragdefense.models.softplus import count_relus, relu_to_softplus_, set_softplus_beta, to_softplus
+from fragdefense.models.surrogate import SoftplusSurrogate, softplus_surrogate
 
 __all__ = [
     "ImageClassifier",
@@ -34,6 +36,11 @@ __all__ = [
     "list_models",
     "register_model",
     "to_softplus",
+    "softplus_surrogate",
+    "SoftplusSurrogate",
+    "OutputSelector",
+    "with_output",
+    "check_logits",
     "relu_to_softplus_",
     "set_softplus_beta",
     "count_relus",

@@ -6,7 +6,7 @@ The :class:`~fragdefense.lit.ClassifierModule` calls, every training step,
 * :meth:`Regularizer.loss_terms` - the penalty, weighted by ``weight * warmup(epoch)``, and values to log;
 
 and :meth:`Regularizer.prepare_model` once before training. :class:`Compose` sums several. Objectives and
-papers are in each class's docstring and in REFERENCE.md section 5.
+papers are in each class's docstring and in `docs/background.md` §5.
 
 =================  ====================================  ===========================
 name               class                                 objective

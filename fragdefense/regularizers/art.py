@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fragdefense.attacks.pgd import pgd_attack
-from fragdefense.models.softplus import relu_to_softplus_, to_softplus
+from fragdefense.models.softplus import relu_to_softplus_
+from fragdefense.models.surrogate import softplus_surrogate
 from fragdefense.regularizers.base import Regularizer, RegularizerOutput, check_attack_mode, check_steps, eval_mode
 from fragdefense.utils.checks import check_int_in_range
 from fragdefense.utils.conventions import parse_budget, resolve_step_size
@@ -91,28 +92,11 @@ class ART(Regularizer):
         self.step_size = resolve_step_size(step_size, self.eps, self.steps)
         self.k = None if k is None else check_int_in_range(k, "k", 1)
         self.attack_mode = check_attack_mode(attack_mode)
-        self._cache: dict[int, nn.Module] = {}  # plain dict: the surrogate is not part of this module's state
 
     def surrogate(self, model: nn.Module) -> nn.Module:
-        """The softplus(beta) copy of ``model`` (shares its parameters; built once per model)."""
-        soft = self._cache.get(id(model))
-        if soft is None:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a model without ReLUs is its own surrogate
-                soft = to_softplus(model, self.beta)
-            self._cache.clear()
-            self._cache[id(model)] = soft
-        # the model's train/eval flags, submodule by submodule (a submodule frozen in eval mode inside a training
-        # model stays frozen in the copy; the copy's modules have the model's names). Modules the surrogate
-        # shares with the model already carry the model's flags and are left alone.
-        shared = {id(m) for m in model.modules()}
-        flags = {name: m.training for name, m in model.named_modules()}
-        for name, m in soft.named_modules():
-            if id(m) not in shared:
-                m.training = flags.get(name, model.training)
-        return soft
+        """The softplus(beta) surrogate of ``model`` (:func:`fragdefense.models.softplus_surrogate`: every ReLU
+        call smoothed, modules and train/eval flags are the model's own)."""
+        return softplus_surrogate(model, self.beta)
 
     @property
     def attack_steps(self) -> int:

@@ -59,9 +59,7 @@ class Budget(float):
 def _parse(v: Any, name: str) -> float:
     if isinstance(v, bool):
         raise TypeError(f"`{name}` must be a number >= 0 or a fraction string like '8/255', got {v!r}")
-    if isinstance(v, (int, float)):
-        f = float(v)
-    elif isinstance(v, torch.Tensor) and v.numel() == 1:
+    if isinstance(v, (int, float)) or isinstance(v, torch.Tensor) and v.numel() == 1:
         f = float(v)
     elif isinstance(v, str):
         s = v.strip()
@@ -72,9 +70,7 @@ def _parse(v: Any, name: str) -> float:
             else:
                 f = float(Fraction(s))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(
-                f"`{name}`={v!r} cannot be read as a number or a fraction string like '8/255'"
-            ) from None
+            raise ValueError(f"`{name}`={v!r} cannot be read as a number or a fraction string like '8/255'") from None
     else:
         raise TypeError(f"`{name}` must be a number >= 0 or a fraction string like '8/255', got {v!r}")
     if not (math.isfinite(f) and f >= 0.0):
