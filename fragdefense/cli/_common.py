@@ -9,7 +9,34 @@ from omegaconf import DictConfig
 
 from fragdefense.models import create_model, load_checkpoint_model
 
-__all__ = ["resolve_device", "load_model", "select_images"]
+__all__ = ["resolve_device", "load_model", "select_images", "import_plugins"]
+
+
+def import_plugins(cfg: DictConfig | dict) -> list[str]:
+    """Import the modules listed in the config's ``plugins`` (e.g. ``plugins=[my_lab.explainers]``) before a command
+    runs, so their ``register_model`` / ``register_attack`` / ``register_metric`` / ``register_attribution`` /
+    ``register_regularizer`` calls take effect. Returns the imported names; a module that cannot be imported is an
+    error naming it, before any work.
+
+    >>> import_plugins({"plugins": ["json"]})
+    ['json']
+    """
+    import importlib
+
+    names = cfg.get("plugins") or []
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as e:
+            raise ValueError(
+                f"`plugins` entry {name!r} cannot be imported ({type(e).__name__}: {e}); give importable module "
+                "names (on PYTHONPATH or installed)"
+            ) from e
+        out.append(str(name))
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

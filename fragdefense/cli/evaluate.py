@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.attacks import attack_interpretation, get_attack
+from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
@@ -81,6 +82,7 @@ def _attack_cell(
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the grid described by ``cfg`` (see ``fragdefense/configs/eval.yaml``); returns the ``results.json`` payload.
     ``cfg.mode == "compare"`` runs :func:`compare` instead (``fragdefense/configs/eval_compare.yaml``)."""
+    import_plugins(cfg)
     mode = str(cfg.get("mode", "grid"))
     if mode == "compare":
         return compare(cfg)

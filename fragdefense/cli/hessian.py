@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
@@ -291,6 +292,7 @@ def _checkpoint_summary(
 def hessian(cfg: DictConfig) -> dict[str, Any]:
     """Run the analysis described by ``cfg`` (see ``fragdefense/configs/hessian.yaml``); returns the
     ``results.json`` payload."""
+    import_plugins(cfg)
     t0 = time.perf_counter()
     try:
         out_dir = Path(cfg.out_dir)

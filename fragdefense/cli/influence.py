@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._config import config_dir
@@ -99,6 +100,7 @@ def _features(fn: Any, x: torch.Tensor, device: torch.device, bs: int) -> torch.
 def influence(cfg: DictConfig) -> dict[str, Any]:
     """Run the influence experiment described by ``cfg`` (see ``fragdefense/configs/influence.yaml``); returns the
     ``results.json`` payload."""
+    import_plugins(cfg)
     t0 = time.perf_counter()
     try:
         out_dir = Path(cfg.out_dir)

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.callbacks import FragilityMonitor
+from fragdefense.cli._common import import_plugins
 from fragdefense.cli._config import config_dir
 from fragdefense.models import model_config_for_checkpoint
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
@@ -152,6 +153,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``metrics.json``, the CSV log and the W&B run into the run directory.
     """
     t_start = time.perf_counter()
+    import_plugins(cfg)
     run_dir = _resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from fragdefense.regularizers.base import (
 )
 from fragdefense.regularizers.gradient import CURE, InputGradient
 from fragdefense.regularizers.integrated import IGR, IGNorm, IGSumNorm, loss_path_ig
-from fragdefense.regularizers.registry import REGULARIZERS, create_regularizer, list_regularizers
+from fragdefense.regularizers.registry import REGULARIZERS, create_regularizer, list_regularizers, register_regularizer
 from fragdefense.regularizers.ssr import SSR, ce_input_hessian_lambda_max, input_jacobian
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "PGDAdversarialTraining",
     "TRADES",
     "REGULARIZERS",
+    "register_regularizer",
     "create_regularizer",
     "list_regularizers",
 ]

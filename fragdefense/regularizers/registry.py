@@ -11,12 +11,35 @@ from fragdefense.regularizers.gradient import CURE, InputGradient
 from fragdefense.regularizers.integrated import IGR, IGNorm, IGSumNorm
 from fragdefense.regularizers.ssr import SSR
 
-__all__ = ["REGULARIZERS", "create_regularizer", "list_regularizers"]
+__all__ = ["REGULARIZERS", "create_regularizer", "list_regularizers", "register_regularizer"]
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
     c.name: c
     for c in (InputGradient, IGNorm, IGSumNorm, ART, SSR, IGR, PGDAdversarialTraining, TRADES, CURE, SoftplusBeta)
 }
+
+
+def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
+    """Class decorator registering a defense under its ``name`` attribute (training, tables and configs read this
+    registry; in a config it is ``regularizer._target_=<module>.<Class>`` or ``create_regularizer(name)``).
+
+    >>> from fragdefense.regularizers.base import Regularizer
+    >>> @register_regularizer
+    ... class NoOp(Regularizer):
+    ...     name = "noop_example"
+    >>> "noop_example" in list_regularizers()
+    True
+    >>> del REGULARIZERS["noop_example"]
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+        raise TypeError(f"register_regularizer takes a Regularizer subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name == Regularizer.name:
+        raise ValueError(f"{cls.__name__} needs its own class attribute `name` (a non-empty string)")
+    if name in REGULARIZERS and REGULARIZERS[name] is not cls:
+        raise ValueError(f"regularizer {name!r} is already registered")
+    REGULARIZERS[name] = cls
+    return cls
 
 
 def list_regularizers() -> list[str]:
