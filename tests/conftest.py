@@ -40,3 +40,7 @@ def _restore_deterministic_flag():
     initial setting so one test's trainer does not change another test's kernels."""
     torch.use_deterministic_algorithms(_DETERMINISTIC_AT_START[0], warn_only=_DETERMINISTIC_AT_START[1])
     yield
+
+
+# a plugin module registers extensions when imported: only tests/test_extending.py imports it (and cleans up)
+collect_ignore = ["ext_plugin.py"]

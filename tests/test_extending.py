@@ -15,16 +15,28 @@ from fragdefense.cli.train import train
 
 @pytest.fixture
 def registered():
+    """Import the plugin (its registrations run), and undo every registration afterwards so that other tests see
+    the built-in registries only."""
+    import sys
+
     import ext_plugin  # noqa: F401 - registers the extensions (the commands import it again by name)
 
-    from fragdefense.attacks import list_attacks
-    from fragdefense.attributions import list_attributions
-    from fragdefense.metrics.registry import list_metrics
+    from fragdefense.attacks import list_attacks, unregister_attack
+    from fragdefense.attributions import list_attributions, unregister_attribution
+    from fragdefense.metrics.registry import list_metrics, unregister_metric
+    from fragdefense.models import _REGISTRY as MODELS
     from fragdefense.models import list_models
-    from fragdefense.regularizers import list_regularizers
+    from fragdefense.regularizers import REGULARIZERS, list_regularizers
 
     assert "ext_net" in list_models() and "ext_spread" in list_attacks() and "ext_l1" in list_metrics()
     assert "ext_grad_sq" in list_attributions() and "ext_logit_penalty" in list_regularizers()
+    yield
+    unregister_attack("ext_spread")
+    unregister_attribution("ext_grad_sq")
+    unregister_metric("ext_l1")
+    MODELS.pop("ext_net", None)
+    REGULARIZERS.pop("ext_logit_penalty", None)
+    sys.modules.pop("ext_plugin", None)
 
 
 def test_extensions_run_through_train_monitor_and_eval(tmp_path, registered, monkeypatch):

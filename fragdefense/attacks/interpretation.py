@@ -63,7 +63,7 @@ from fragdefense.models.outputs import OutputFn, check_logits, with_output
 from fragdefense.models.softplus import set_softplus_beta
 from fragdefense.models.surrogate import softplus_surrogate
 from fragdefense.utils.checks import check_images, check_int_in_range
-from fragdefense.utils.conventions import eval_mode, make_generator, parse_budget, resolve_step_size
+from fragdefense.utils.conventions import eval_mode, make_generator, parse_budget, randn, resolve_step_size
 
 __all__ = [
     "INTERPRETATION_ATTACKS",
@@ -245,7 +245,7 @@ def attack_interpretation(
     reduce: str = "abs_sum",
     lens_window: int = 1,
     check_every: int = 1,
-    generator: torch.Generator | int | None = None,
+    generator: torch.Generator | int | Sequence[torch.Generator | int] | None = None,
     output_fn: OutputFn | None = None,
     attack_opts: dict[str, Any] | None = None,
     progress: bool = False,
@@ -283,7 +283,9 @@ def attack_interpretation(
         lens_window: window half-width of the reported LENS recall.
         check_every: check label and criterion on the original network every N steps (1 = every step,
             as the authors; larger is faster). The last step is always checked.
-        generator: seed (``int``) or ``torch.Generator`` for random starts / directions (``None``: global RNG).
+        generator: seed (``int``) or ``torch.Generator`` for random starts / directions (``None``: global RNG), or
+            a list with one seed / generator per image of ``x`` (each image then draws its own random numbers, so
+            its result does not depend on the batch it is attacked in).
         output_fn: for models whose ``forward`` returns a tuple / dict / dataclass: an index, a key or a
             callable selecting the logits.
         attack_opts: free-form options of a user-registered attack (``ctx.extra`` of its objective).
@@ -348,6 +350,8 @@ def attack_interpretation(
     get_criterion(crit_name)
     betas = beta_schedule(beta, steps)
     generator = make_generator(generator, x.device)
+    if isinstance(generator, list) and len(generator) != b:
+        raise ValueError(f"`generator` as a list must hold one seed or generator per image ({b}), got {len(generator)}")
     net = with_output(model, output_fn)
 
     protocol = {
@@ -400,6 +404,8 @@ def attack_interpretation(
                 ["no image was attacked: the model misclassifies every image of the batch"],
             )
         x0, c = x[index].detach(), pred0[index]
+        if isinstance(generator, list):  # per-image generators: keep those of the attacked images
+            generator = [generator[i] for i in index.tolist()]
         tmask = target_mask[index].to(x) if target_mask is not None else None
         tmap = target_map[index].to(x) if target_map is not None else None
         if tmap is not None:
@@ -444,7 +450,7 @@ def attack_interpretation(
         try:
             for r in range(restarts):
                 if spec.one_shot:
-                    noise = torch.randn(x0.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    noise = randn(x0.shape, generator, x.device, x.dtype)
                     consider(thr.project(x0 + thr.eps * noise.sign(), x0), r)
                     if bar is not None:
                         bar.update(1)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fragdefense.utils.checks import check_nonneg_float
+from fragdefense.utils.conventions import rand, randn
 
 __all__ = ["ThreatModel", "LinfThreat", "L2Threat", "make_threat"]
 
@@ -33,7 +34,7 @@ class ThreatModel:
 
     def random_direction(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A random ascent direction for random-walk baselines (Gaussian)."""
-        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return randn(x0.shape, generator, x0.device, x0.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:g})"
@@ -57,7 +58,7 @@ class LinfThreat(ThreatModel):
         return torch.minimum(torch.maximum(x, x0 - self.eps), x0 + self.eps).clamp(0.0, 1.0)
 
     def random_start(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        u = rand(x0.shape, generator, x0.device, x0.dtype)
         return self.project(x0 + (2 * u - 1) * self.eps, x0)
 
     def random_direction(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -89,8 +90,8 @@ class L2Threat(ThreatModel):
         return (x0 + d).clamp(0.0, 1.0)
 
     def random_start(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        d = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        r = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
+        d = randn(x0.shape, generator, x0.device, x0.dtype)
+        r = rand((x0.shape[0],), generator, x0.device, x0.dtype)
         d = d / self._norm(d) * (self.eps * r).view(-1, *([1] * (x0.ndim - 1)))
         return self.project(x0 + d, x0)
 

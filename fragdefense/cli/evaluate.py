@@ -12,6 +12,7 @@ measured cost of one explanation, a robustness-vs-cost plot and the PGD-evidence
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,13 +23,28 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.attacks import attack_interpretation, get_attack
+from fragdefense.attacks import get_attack
 from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
+from fragdefense.cli._wandb import log_artifact_file, log_figure, log_markdown_table, start_wandb_run
+from fragdefense.evaluation import (
+    Cell,
+    CellStore,
+    ExplainerSpec,
+    check_writable,
+    clean_accuracy,
+    grid_cells,
+    run_cell,
+    run_grid,
+)
+from fragdefense.evaluation import explainer_specs as _engine_explainer_specs
+from fragdefense.evaluation.figures import plot_defense_comparison, plot_examples, plot_metrics_vs_eps
+from fragdefense.evaluation.report import comparison_table, grid_table, protocol_block
 from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.conventions import Budget, parse_budget
 from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 __all__ = ["evaluate", "compare", "main", "parse_eps", "METRICS", "explainer_specs"]
@@ -37,181 +53,450 @@ log = logging.getLogger("fragdefense.eval")
 METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
 
 
-def _attack_cell(
-    model: torch.nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-    img_idx: list[int],
-    batch_size: int,
-    n_figure_images: int,
-    progress: Any,
-    **attack_kw: Any,
-) -> tuple[dict[str, Any], dict[str, float | None], list[dict[str, Any]], dict[str, torch.Tensor] | None]:
-    """One cell of the grid (method x attack x eps): attack every batch with ``attack_kw``; returns the counts
-    (``n_images``, ``n_skipped``, ``label_kept_rate``), the metric means over attacked images, the per-image rows
-    (with dataset indices) and the first batch's figure examples."""
-    sums: dict[str, float] = {}
-    n_att = n_skip = n_kept = 0
-    rows: list[dict[str, Any]] = []
-    example = None
-    for bi, (xb, yb) in enumerate(batches):
-        res = attack_interpretation(model, xb.to(device), yb.to(device), **attack_kw)
-        n_att += res.n_attacked
-        n_skip += res.n_skipped
-        n_kept += int(res.label_kept.sum())
-        for name in res.metrics:
-            sums[name] = sums.get(name, 0.0) + float(res.metrics[name].double().sum())
-        for r in res.records():
-            r["image"] = img_idx[bi * batch_size + r.pop("index")]
-            rows.append(r)
-        if bi == 0 and res.n_attacked:
-            n_fig = min(n_figure_images, res.n_attacked)
-            sel = res.index[:n_fig]
-            example = {
-                "x": xb[sel.cpu()].cpu(),
-                "x_adv": res.x_adv[sel].cpu(),
-                "clean_map": res.clean_map[:n_fig].cpu(),
-                "adv_map": res.adv_map[:n_fig].cpu(),
-            }
-        progress.update(1)
-    counts = {"n_images": n_att, "n_skipped": n_skip, "label_kept_rate": (n_kept / n_att) if n_att else None}
-    means = {k: (v / n_att if n_att else None) for k, v in sums.items()}
-    return counts, means, rows, example
+def _out_dir(cfg: DictConfig, default: str) -> Path:
+    try:
+        out_dir = Path(cfg.out_dir)
+    except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
+        out_dir = Path(default) / time.strftime("%Y-%m-%d_%H-%M-%S")
+    return out_dir.absolute()
+
+
+def _pos_int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _fabric(cfg: DictConfig) -> Any:
+    """Lightning Fabric for ``trainer=ddp`` / ``ddp_cpu`` (``trainer.devices``, ``trainer.num_nodes``; SLURM is
+    detected by Lightning); ``None`` for one process."""
+    t = cfg.get("trainer")
+    if t is None:
+        return None
+    devices, nodes = t.get("devices", 1), int(t.get("num_nodes", 1) or 1)
+    if devices in (1, "1") and nodes == 1:
+        return None
+    from lightning.fabric import Fabric
+
+    return Fabric(
+        accelerator=str(t.get("accelerator", "auto")),
+        devices=devices,
+        num_nodes=nodes,
+        strategy=str(t.get("strategy", "ddp")),
+    )
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``(x, y, index)`` of the selected dataset items (so every record carries its dataset index)."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        x, y = self.dataset[self.indices[i]][:2]
+        return x, int(y), self.indices[i]
+
+
+def _selected_indices(n_dataset: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_dataset, generator=g)[: min(n, n_dataset)].tolist())
+
+
+def _check_classes(model: torch.nn.Module, datamodule: Any, x: torch.Tensor, device: torch.device) -> int:
+    with torch.no_grad():
+        k = int(model(x[:1].to(device)).shape[1])
+    nd = getattr(datamodule, "num_classes", None)
+    if nd is not None and int(nd) != k:
+        raise ValueError(
+            f"the model has {k} output classes but the data has {nd} (data={type(datamodule).__name__}); "
+            "evaluate a checkpoint on data with the same classes"
+        )
+    return k
+
+
+def _image_writer(store: CellStore) -> Any:
+    """``on_batch`` hook writing each batch's attacked images and maps (uint8 / float16) beside the cell, for the
+    W&B table; written before the cell's record, so a resumed cell has them."""
+    import numpy as np
+
+    def write(cell: Cell, res: Any, x: torch.Tensor, ids: list[int]) -> None:
+        if not res.n_attacked:
+            return
+        d = store.out_dir / "cells" / cell.key / f"images-{store.rank}-of-{store.world_size}"
+        d.mkdir(parents=True, exist_ok=True)
+        idx = res.index.cpu()
+        arrays = {
+            "ids": np.asarray([ids[i] for i in idx.tolist()]),
+            "x": (x[idx].cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+            "x_adv": (res.x_adv[res.index].detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+            "clean_map": res.clean_map.detach().cpu().half().numpy(),
+            "adv_map": res.adv_map.detach().cpu().half().numpy(),
+        }
+        n = len(list(d.glob("batch-*.npz")))
+        tmp = d / f".batch-{n:05d}.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        tmp.replace(d / f"batch-{n:05d}.npz")
+
+    return write
+
+
+def _result_config(cfg: DictConfig, checkpoint: Any, specs: dict, proto: dict, eps_list: list) -> dict[str, Any]:
+    """What defines the results of a grid (refused on rerun if it changed): not the device, the number of
+    processes, figures or W&B options."""
+    data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else None
+    return {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model_name": cfg.get("model_name"),
+        "weights_path": cfg.get("weights_path"),
+        "model_kwargs": OmegaConf.to_container(cfg.model_kwargs, resolve=True) if cfg.get("model_kwargs") else {},
+        "data": data,
+        "n_images": int(cfg.n_images),
+        "seed": int(cfg.seed),
+        "explainers": {k: v.as_dict() for k, v in specs.items()},
+        "attacks": list(cfg.attacks),
+        "eps": [str(e) for e in eps_list],
+        "protocol": proto,
+    }
+
+
+def _grid_one(
+    cfg: DictConfig,
+    out_dir: Path,
+    checkpoint: Any,
+    fabric: Any,
+    specs: dict,
+    proto: dict,
+    eps_list: list,
+    wandb_run: Any,
+    name: str | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate one model over the grid into ``out_dir`` (resumable, sharded); the payload on rank 0, else None."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    device = fabric.device if fabric is not None else _device(str(cfg.device))
+    bs = int(cfg.batch_size)
+    attacks = list(cfg.attacks)
+    mcfg = OmegaConf.merge(cfg, {"checkpoint": str(checkpoint) if checkpoint else None})
+    store = CellStore(out_dir, _result_config(mcfg, checkpoint, specs, proto, eps_list), rank, world)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    test_set = datamodule.test_set
+    model = _load_model(mcfg, datamodule).to(device).eval()
+    idx = _selected_indices(len(test_set), int(cfg.n_images), int(cfg.seed))
+    _check_classes(model, datamodule, test_set[idx[0]][0][None], device)
+    shard = idx[rank::world]
+    loader = torch.utils.data.DataLoader(
+        _Indexed(test_set, shard), batch_size=bs, shuffle=False, num_workers=int(cfg.get("num_workers", 0) or 0)
+    )
+
+    clean_path = out_dir / "cells" / "_clean" / f"shard-{rank}-of-{world}.json"
+    if clean_path.is_file():
+        clean = json.loads(clean_path.read_text())
+    else:
+        clean = clean_accuracy(model, loader, device)
+        atomic_write_json(clean_path, clean)
+
+    cells = grid_cells(specs, attacks, eps_list)
+    examples: dict[str, dict[str, torch.Tensor]] = {}
+    save_images = wandb_run is not None or world > 1 or bool(cfg.get("save_images", False))
+    with tqdm(
+        total=len(cells) * len(shard),
+        desc=f"fragdefense-eval{' ' + name if name else ''}",
+        unit="img",
+        dynamic_ncols=True,
+        disable=rank != 0,
+    ) as bar:
+        for res in run_grid(
+            model,
+            loader,
+            explainers=specs,
+            attacks=attacks,
+            eps=eps_list,
+            protocol=proto,
+            seed=int(cfg.seed),
+            device=device,
+            store=store,
+            n_examples=int(cfg.n_figure_images),
+            progress=lambda c, n: bar.update(n),
+            on_batch=_image_writer(store) if save_images else None,
+        ):
+            c = res.cell
+            if res.resumed:
+                bar.update(len(shard))
+            if rank == 0:
+                agg = res.aggregate
+                what = "resumed (finished before)" if res.resumed else f"{res.seconds:.1f} s"
+                if not agg["n_images"]:
+                    msg = f"no image attacked ({agg['n_skipped']} misclassified or skipped): metrics undefined"
+                else:
+                    msg = f"{agg['n_images']} attacked"
+                    if agg.get("zero_gradient_rate"):
+                        msg += f", ZERO ascent gradient on {100 * agg['zero_gradient_rate']:.0f} % (not robustness)"
+                bar.write(f"[{c.explainer} / {c.attack} / eps={c.eps}] {msg}; {what}")
+            if res.examples is not None:
+                examples[c.key] = res.examples
+    if fabric is not None:
+        fabric.barrier()
+    if rank != 0:
+        return None
+
+    parts = [
+        json.loads((out_dir / "cells" / "_clean" / f"shard-{r}-of-{world}.json").read_text()) for r in range(world)
+    ]
+    n_clean, n_correct = sum(p["n"] for p in parts), sum(p["correct"] for p in parts)
+    clean_acc = (n_correct / n_clean) if n_clean else None
+    records: list[dict[str, Any]] = []
+    per_image: list[dict[str, Any]] = []
+    for c in cells:
+        res = store.merge(c)
+        e = float(c.eps)
+        rec = {
+            "method": c.explainer,
+            "method_opts": specs[c.explainer].opts,
+            "attack": c.attack,
+            "epsilon": e,
+            "epsilon_255": e * 255,
+            **res.aggregate,
+            "protocol": {**proto, "eps": e},
+            "seconds": res.seconds,
+        }
+        if res.warnings:
+            rec["warnings"] = res.warnings
+        records.append(rec)
+        per_image.append({"method": c.explainer, "attack": c.attack, "epsilon": e, "images": res.rows})
+    payload = {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model_name": getattr(model, "name", None),
+        "data": getattr(datamodule, "name", type(datamodule).__name__),
+        "n_images_requested": int(cfg.n_images),
+        "clean_accuracy": clean_acc,
+        "image_indices": idx,
+        "device": str(device),
+        "world_size": world,
+        "seed": int(cfg.seed),
+        "protocol": proto,
+        "records": records,
+        "per_image": per_image,
+        "seconds": time.perf_counter() - t0,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    md = grid_table(records, clean_acc) + "\n" + protocol_block(proto, {"seed": int(cfg.seed), "n_images": len(idx)})
+    atomic_write_json(out_dir / "results.json", payload)
+    atomic_write_text(out_dir / "results.md", md)
+    figures: list[Path] = []
+    if cfg.get("figures", True):
+        figures.append(plot_metrics_vs_eps(records, out_dir / "metrics_vs_eps.png"))
+        top = max(eps_list, key=float)
+        for c in cells:
+            ex = examples.get(c.key)
+            if ex is not None and c.eps == top and (get_attack(c.attack).needs_gradient or len(attacks) == 1):
+                figures.append(plot_examples(ex, out_dir / f"examples_{c.explainer}_{c.attack}.png", title=f"{c.key}"))
+    _log_grid_wandb(wandb_run, out_dir, store, cells, records, figures, prefix=f"{name}/" if name else "")
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console().print(Markdown(md))
+    Console().print(f"results: {out_dir / 'results.json'}")
+    return payload
+
+
+def _log_grid_wandb(
+    run: Any, out_dir: Path, store: CellStore, cells: list[Cell], records: list[dict], figures: list[Path], prefix: str
+) -> None:
+    """Per-cell metrics, one ``wandb.Table`` row per attacked image (clean image, clean map, attacked image,
+    attacked map as images, plus its metrics), the figures and ``results.json`` as an artifact."""
+    if run is None:
+        return
+    import numpy as np
+    import wandb
+
+    for r in records:
+        key = f"{prefix}{r['method']}/{r['attack']}/eps={r['epsilon_255']:.3g}"
+        run.log({f"{key}/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    cols = ["cell", "image", "label", "clean", "clean_map", "attacked", "attacked_map"]
+    metric_cols: list[str] = []
+    rows_by_cell = {c.key: {row["image"]: row for row in store.merge(c).rows} for c in cells}
+    for rows in rows_by_cell.values():
+        for row in rows.values():
+            metric_cols += [k for k in row if k not in ("image", "label") and k not in metric_cols]
+    table = wandb.Table(columns=cols + metric_cols)
+
+    def cmap(m: np.ndarray) -> np.ndarray:
+        m = m.astype(np.float32)
+        m = m / m.max() if m.max() > 0 else m
+        return (np.stack([m, m**2, m**4], -1) * 255).astype(np.uint8)
+
+    for c in cells:
+        for r in range(store.world_size):
+            d = out_dir / "cells" / c.key / f"images-{r}-of-{store.world_size}"
+            for f in sorted(d.glob("batch-*.npz")) if d.is_dir() else []:
+                z = np.load(f)
+                for j, i in enumerate(z["ids"].tolist()):
+                    row = rows_by_cell[c.key].get(i, {})
+                    table.add_data(
+                        c.key,
+                        i,
+                        row.get("label"),
+                        wandb.Image(z["x"][j].transpose(1, 2, 0)),
+                        wandb.Image(cmap(z["clean_map"][j])),
+                        wandb.Image(z["x_adv"][j].transpose(1, 2, 0)),
+                        wandb.Image(cmap(z["adv_map"][j])),
+                        *[row.get(k) for k in metric_cols],
+                    )
+    run.log({f"{prefix}attacked_images": table})
+    for p in figures:
+        log_figure(run, f"{prefix}figures/{p.stem}", p)
+    log_artifact_file(
+        run, f"{(prefix.strip('/') or 'eval').replace('/', '-')}-results", "results", out_dir / "results.json"
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the grid described by ``cfg`` (see ``fragdefense/configs/eval.yaml``); returns the ``results.json`` payload.
-    ``cfg.mode == "compare"`` runs :func:`compare` instead (``fragdefense/configs/eval_compare.yaml``)."""
+    """Run the grid described by ``cfg`` (see ``fragdefense/configs/eval.yaml``); returns the ``results.json`` payload
+    (on the global-zero process; ``{}`` on the others). ``cfg.mode == "compare"`` runs :func:`compare` instead
+    (``fragdefense/configs/eval_compare.yaml``); ``checkpoints=[a.ckpt, b.ckpt, ...]`` evaluates every checkpoint
+    under the same protocol on the same images and writes a defense comparison."""
     import_plugins(cfg)
     mode = str(cfg.get("mode", "grid"))
     if mode == "compare":
         return compare(cfg)
     if mode != "grid":
         raise ValueError(f"`mode` must be 'grid' or 'compare', got {mode!r}")
-    t0 = time.perf_counter()
-    try:
-        out_dir = Path(cfg.out_dir)
-    except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
-        out_dir = Path("runs/eval") / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out_dir = out_dir.absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(int(cfg.seed))
-    device = _device(str(cfg.device))
-
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("test")
-    model = _load_model(cfg, datamodule).to(device).eval()
-    x_all, y_all, img_idx = _select_images(datamodule.test_set, int(cfg.n_images), int(cfg.seed))
-    with torch.no_grad():
-        clean_acc = float(
-            torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x_all.split(int(cfg.batch_size))])
-            .eq(y_all)
-            .float()
-            .mean()
-        )
-
-    proto = OmegaConf.to_container(cfg.protocol, resolve=True)
-    proto["step_size"] = parse_eps(proto["step_size"])
-    eps_list = [parse_eps(e) for e in cfg.eps]
-    methods = OmegaConf.to_container(cfg.methods, resolve=True)
+    # every argument checked before any work
+    out_dir = _out_dir(cfg, "runs/eval")
+    check_writable(out_dir)
+    _pos_int(cfg.n_images, "n_images")
+    _pos_int(cfg.batch_size, "batch_size")
+    eps_list = [Budget(e, "eps") for e in cfg.eps]
     attacks = list(cfg.attacks)
-    grid = [(m, a, e) for m in methods for a in attacks for e in eps_list]
-    batches = list(zip(x_all.split(int(cfg.batch_size)), y_all.split(int(cfg.batch_size))))
+    if not attacks:
+        raise ValueError("`attacks` is empty; give at least one registered attack, e.g. [random_sign, topk]")
+    for a in attacks:
+        get_attack(a)
+    methods = OmegaConf.to_container(cfg.methods, resolve=True) if cfg.get("methods") is not None else None
+    specs = _engine_explainer_specs(methods, check_gradient_attacks=attacks)
+    proto = OmegaConf.to_container(cfg.protocol, resolve=True)
+    proto["step_size"] = None if proto.get("step_size") is None else parse_budget(proto["step_size"], "step_size")
+    checkpoints = list(cfg.get("checkpoints") or [])
+    if checkpoints and cfg.get("checkpoint"):
+        raise ValueError("give `checkpoint=` (one model) or `checkpoints=[...]` (a defense comparison), not both")
+    for c in checkpoints or ([cfg.checkpoint] if cfg.get("checkpoint") else []):
+        if not Path(str(c)).is_file():
+            raise FileNotFoundError(f"`checkpoint` {c!r} does not exist or is not a file")
+    if not checkpoints and not cfg.get("checkpoint") and not cfg.get("model_name"):
+        raise ValueError(
+            "give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`"
+        )
+    torch.manual_seed(int(cfg.seed))
 
-    from tqdm.auto import tqdm
+    fabric = _fabric(cfg)
+    if fabric is not None:
+        fabric.launch()
+    rank0 = fabric is None or fabric.global_rank == 0
+    run = None
+    if rank0 and cfg.get("wandb") is not None:
+        run = start_wandb_run(
+            out_dir, "eval", OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg.wandb, resolve=True)
+        )
+    try:
+        if not checkpoints:
+            return _grid_one(cfg, out_dir, cfg.get("checkpoint"), fabric, specs, proto, eps_list, run) or {}
+        names = _defense_names(checkpoints)
+        results = {}
+        for name, ck in zip(names, checkpoints):
+            results[name] = _grid_one(cfg, out_dir / "defenses" / name, ck, fabric, specs, proto, eps_list, run, name)
+        if not rank0:
+            return {}
+        return _write_comparison(out_dir, names, checkpoints, results, attacks, eps_list, proto, run)
+    finally:
+        if run is not None:
+            run.finish()
 
-    records: list[dict[str, Any]] = []
-    per_image: list[dict[str, Any]] = []
-    examples: dict[tuple[str, str, float], dict[str, torch.Tensor]] = {}
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    # tqdm (not rich): its progress also shows when the output is piped to a log file
-    with tqdm(total=len(grid) * len(batches), desc="fragdefense-eval", unit="batch", dynamic_ncols=True) as progress:
-        for method, attack, eps in grid:
-            progress.set_description(f"{method} / {attack} / eps={eps * 255:.3g}/255")
-            t_cell = time.perf_counter()
-            counts, means, rows, example = _attack_cell(
-                model,
-                batches,
-                device,
-                img_idx,
-                int(cfg.batch_size),
-                int(cfg.n_figure_images),
-                progress,
-                attack=attack,
-                method=method,
-                method_opts=methods[method] or {},
-                eps=eps,
-                generator=gen,
-                **proto,
-            )
-            if example is not None:
-                examples[(method, attack, eps)] = example
-            rec: dict[str, Any] = {
-                "method": method,
-                "method_opts": methods[method] or {},
+
+def _defense_names(checkpoints: list[Any]) -> list[str]:
+    """A readable unique name per checkpoint: its run directory's name (``<run>/checkpoints/x.ckpt``), else the
+    file stem; duplicates get a counter."""
+    out: list[str] = []
+    for c in checkpoints:
+        p = Path(str(c))
+        base = p.parent.parent.name if p.parent.name == "checkpoints" else p.stem
+        name, i = base, 1
+        while name in out:
+            i += 1
+            name = f"{base}-{i}"
+        out.append(name)
+    return out
+
+
+def _write_comparison(
+    out_dir: Path,
+    names: list[str],
+    checkpoints: list[Any],
+    results: dict[str, Any],
+    attacks: list[str],
+    eps_list: list[Budget],
+    proto: dict[str, Any],
+    run: Any,
+) -> dict[str, Any]:
+    """The defense comparison: for each checkpoint, its clean accuracy and the mean metrics under the first gradient
+    attack (else the first attack) at the largest eps, over the same images and the same protocol."""
+    attack = next((a for a in attacks if get_attack(a).needs_gradient), attacks[0])
+    top = max(float(e) for e in eps_list)
+    rows = []
+    for name, ck in zip(names, checkpoints):
+        p = results[name]
+        sel = [r for r in p["records"] if r["attack"] == attack and abs(r["epsilon"] - top) < 1e-12]
+        r0 = sel[0] if sel else {}
+        rows.append(
+            {
+                "name": name,
+                "checkpoint": str(ck),
+                "clean_accuracy": p["clean_accuracy"],
+                "method": r0.get("method"),
                 "attack": attack,
-                "epsilon": eps,
-                "epsilon_255": eps * 255,
-                **counts,
-                "protocol": {**proto, "eps": eps},
-                "seconds": time.perf_counter() - t_cell,
+                "epsilon": top,
+                "n_attacked": r0.get("n_images", 0),
+                "robustness": {
+                    k: r0.get(k) for k in ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
+                },
+                "label_kept_rate": r0.get("label_kept_rate"),
+                "zero_gradient_rate": r0.get("zero_gradient_rate"),
             }
-            rec.update(means)
-            records.append(rec)
-            per_image.append({"method": method, "attack": attack, "epsilon": eps, "images": rows})
-
-    payload = {
-        "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
-        "model_name": getattr(model, "name", None),
-        "data": getattr(datamodule, "name", type(datamodule).__name__),
-        "n_images_requested": int(cfg.n_images),
-        "clean_accuracy": clean_acc,
-        "image_indices": img_idx,
-        "device": str(device),
-        "seed": int(cfg.seed),
-        "records": records,
-        "per_image": per_image,
-        "seconds": time.perf_counter() - t0,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    atomic_write_json(out_dir / "results.json", payload)
-    atomic_write_text(out_dir / "results.md", results_table(records, clean_acc))
-    if cfg.get("figures", True):
-        from fragdefense.viz import plot_examples, plot_metrics_vs_eps
-
-        plot_metrics_vs_eps(records, out_dir / "metrics_vs_eps.png")
-        for (m, a, e), ex in examples.items():
-            if e == max(eps_list) and (get_attack(a).needs_gradient or len(attacks) == 1):
-                plot_examples(ex, out_dir / f"examples_{m}_{a}.png", title=f"{m} / {a} / eps={e * 255:.3g}/255")
+        )
+    payload = {"mode": "defenses", "attack": attack, "epsilon": top, "protocol": proto, "defenses": rows}
+    md = (
+        f"Defense comparison: {attack} at eps={top * 255:.3g}/255, the first explainer; same images and protocol for "
+        "every checkpoint.\n\n" + comparison_table(rows) + "\n" + protocol_block(proto)
+    )
+    atomic_write_json(out_dir / "comparison.json", payload)
+    atomic_write_text(out_dir / "comparison.md", md)
+    fig = plot_defense_comparison(rows, out_dir / "comparison.png", attack=attack)
+    if run is not None:
+        log_markdown_table(
+            run,
+            "defense_comparison",
+            [{k: v for k, v in r.items() if k != "robustness"} | dict(r["robustness"]) for r in rows],
+        )
+        log_figure(run, "figures/defense_comparison", fig)
+        log_artifact_file(run, "defense-comparison", "results", out_dir / "comparison.json")
     from rich.console import Console
     from rich.markdown import Markdown
 
-    Console().print(Markdown(results_table(records, clean_acc)))
-    Console().print(f"results: {out_dir / 'results.json'}")
+    Console().print(Markdown(md))
+    Console().print(f"comparison: {out_dir / 'comparison.json'}")
     return payload
 
 
 def results_table(records: list[dict[str, Any]], clean_acc: float | None = None) -> str:
-    """Markdown table of the grid's mean metrics."""
-    head = (
-        "| method | attack | eps (/255) | top-k ∩ | Spearman | Kendall | center shift (px) | LENS recall "
-        "| label kept | n |"
-    )
-    lines = [head, "|" + "---|" * 10]
-
-    def f(v: Any, nd: int = 3) -> str:
-        return "-" if v is None else f"{v:.{nd}f}"
-
-    for r in records:
-        lines.append(
-            f"| {r['method']} | {r['attack']} | {r['epsilon_255']:.3g} | {f(r.get('topk_intersection'))} | "
-            f"{f(r.get('spearman'))} | {f(r.get('kendall'))} | {f(r.get('center_shift'), 2)} | "
-            f"{f(r.get('lens_recall'))} | {f(r.get('label_kept_rate'), 2)} | {r['n_images']} |"
-        )
-    if clean_acc is not None:
-        lines.append("")
-        lines.append(f"Clean accuracy on the selected images: {100 * clean_acc:.1f}%.")
-    return "\n".join(lines) + "\n"
+    """Markdown table of the grid's mean metrics (:func:`fragdefense.evaluation.report.grid_table`)."""
+    return grid_table(records, clean_acc)
 
 
 # ------------------------------------------------------------------------------------------ compare mode
@@ -448,6 +733,7 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     clean_acc = float(pred.eq(y_all).float().mean())
     ok = pred.eq(y_all)
     batches = list(zip(x_all.split(bs), y_all.split(bs)))
+    id_batches = [img_idx[i : i + bs] for i in range(0, len(img_idx), bs)]
 
     from tqdm.auto import tqdm
 
@@ -468,25 +754,21 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
             spec = specs[label]
             bar.set_description(f"{label} / {attack} / eps={eps * 255:.3g}/255")
             t_cell = time.perf_counter()
-            counts, means, rows, example = _attack_cell(
+            res = run_cell(
                 model,
-                batches,
-                device,
-                img_idx,
-                bs,
-                int(cfg.n_figure_images),
-                bar,
-                attack=attack,
-                method=spec["method"],
-                method_opts=spec["opts"],
-                surrogate=spec["surrogate"],
-                surrogate_opts=spec["surrogate_opts"],
-                eps=eps,
-                generator=gen,
-                **proto,
+                [(xb, yb, ib) for (xb, yb), ib in zip(batches, id_batches)],
+                Cell(label, attack, Budget(eps)),
+                ExplainerSpec(label, spec["method"], spec["opts"], spec["surrogate"], spec["surrogate_opts"] or {}),
+                protocol=proto,
+                seed=int(cfg.seed),
+                device=device,
+                n_examples=int(cfg.n_figure_images),
+                progress=lambda n: bar.update(1),
             )
-            if example is not None:
-                examples[(label, attack, eps)] = example
+            rows, means = res.rows, dict(res.aggregate)
+            counts = {k: means.pop(k) for k in ("n_images", "n_skipped", "label_kept_rate")}
+            if res.examples is not None:
+                examples[(label, attack, eps)] = res.examples
             rec: dict[str, Any] = {
                 "method": label,
                 "attribution": spec["method"],

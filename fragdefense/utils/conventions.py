@@ -23,7 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Budget", "parse_budget", "default_step_size", "resolve_step_size", "make_generator", "eval_mode"]
+__all__ = [
+    "Budget",
+    "parse_budget",
+    "default_step_size",
+    "resolve_step_size",
+    "make_generator",
+    "image_seed",
+    "randn",
+    "rand",
+    "eval_mode",
+]
 
 
 class Budget(float):
@@ -106,10 +116,12 @@ def resolve_step_size(step_size: Any, eps: float, steps: int) -> float:
 
 
 def make_generator(
-    generator: torch.Generator | int | None, device: torch.device | str | None = None, name: str = "generator"
-) -> torch.Generator | None:
+    generator: torch.Generator | int | None | list, device: torch.device | str | None = None, name: str = "generator"
+) -> Any:
     """The seeding convention: ``None`` (global RNG) stays ``None``, an ``int`` becomes a fresh generator on
-    ``device`` seeded with it, a ``torch.Generator`` is checked to live on ``device``'s type.
+    ``device`` seeded with it, a ``torch.Generator`` is checked to live on ``device``'s type. A list or tuple (one
+    entry per image of the batch) becomes a list of generators: every image then draws its own random numbers
+    (:func:`randn`, :func:`rand`), so its result does not depend on the batch it is in.
 
     >>> g = make_generator(0, "cpu")
     >>> torch.rand(1, generator=g).item() == torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
@@ -118,6 +130,8 @@ def make_generator(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if generator is None:
         return None
+    if isinstance(generator, (list, tuple)):
+        return [make_generator(g, dev, name) for g in generator]
     if isinstance(generator, bool):
         raise TypeError(f"`{name}` must be None, an int seed or a torch.Generator, got {generator!r}")
     if isinstance(generator, int):
@@ -127,6 +141,43 @@ def make_generator(
             raise ValueError(f"`{name}` is on {generator.device} but the input is on {dev}")
         return generator
     raise TypeError(f"`{name}` must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def image_seed(*key: Any) -> int:
+    """A 63-bit seed from a key (e.g. ``(seed, method, attack, eps, image_id)``): the per-image seeding rule of the
+    evaluation engine and the monitors, independent of batch size, shard and process count.
+
+    >>> image_seed(0, "saliency", "random_sign", "8/255", 17) == image_seed(0, "saliency", "random_sign", "8/255", 17)
+    True
+    """
+    import hashlib
+
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _draw(fn: Any, shape: Any, generator: Any, device: Any, dtype: Any) -> torch.Tensor:
+    if isinstance(generator, list):
+        shape = tuple(shape)
+        if len(generator) != shape[0]:
+            raise ValueError(f"`generator` holds {len(generator)} per-image generators for a batch of {shape[0]}")
+        return torch.stack([fn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return fn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def randn(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None) -> torch.Tensor:
+    """``torch.randn`` with the seeding convention; a list of generators draws row by row (one per image).
+
+    >>> gens = make_generator([1, 2], "cpu")
+    >>> bool(torch.equal(randn((2, 3), gens)[1], torch.randn(3, generator=torch.Generator().manual_seed(2))))
+    True
+    """
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def rand(shape: Any, generator: Any = None, device: Any = None, dtype: Any = None) -> torch.Tensor:
+    """``torch.rand`` with the seeding convention (see :func:`randn`)."""
+    return _draw(torch.rand, shape, generator, device, dtype)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,43 @@
+"""Evaluation of explanations under attack as library functions (plain torch; no Hydra, Lightning or W&B).
+
+* :mod:`~fragdefense.evaluation.engine` — the streamed grid engine (:func:`run_grid`, :func:`run_cell`), per-image
+  seeding, aggregation.
+* :mod:`~fragdefense.evaluation.store` — resumable on-disk store of finished cells (:class:`CellStore`).
+* :mod:`~fragdefense.evaluation.report` — every markdown table (grid, protocol, defense comparison, ...).
+* :mod:`~fragdefense.evaluation.figures` — every figure (metrics vs eps, examples, defense comparison).
+
+``fragdefense-eval``, the :class:`~fragdefense.callbacks.FragilityMonitor` and the defense comparison call these;
+the command keeps only config parsing and file output, the callback only hooks and logging.
+"""
+
+from fragdefense.evaluation.engine import (
+    PROTOCOL_DEFAULTS,
+    Cell,
+    CellResult,
+    ExplainerSpec,
+    aggregate_rows,
+    clean_accuracy,
+    explainer_specs,
+    grid_cells,
+    iter_batches,
+    run_cell,
+    run_grid,
+)
+from fragdefense.evaluation.store import CellStore, check_writable, config_differences
+
+__all__ = [
+    "PROTOCOL_DEFAULTS",
+    "Cell",
+    "CellResult",
+    "CellStore",
+    "ExplainerSpec",
+    "aggregate_rows",
+    "check_writable",
+    "clean_accuracy",
+    "config_differences",
+    "explainer_specs",
+    "grid_cells",
+    "iter_batches",
+    "run_cell",
+    "run_grid",
+]

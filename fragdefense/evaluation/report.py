@@ -1,0 +1,108 @@
+"""Markdown tables of the evaluation: the grid, its protocol, and the defense comparison (one home for every
+table builder)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fragdefense.metrics.registry import list_metrics, metric_label
+
+__all__ = ["fmt", "grid_table", "protocol_block", "comparison_table"]
+
+
+def fmt(v: Any, nd: int = 3) -> str:
+    """A number for a table; ``None``/NaN as ``-``.
+
+    >>> fmt(0.12345), fmt(None), fmt(float("nan"))
+    ('0.123', '-', '-')
+    """
+    if v is None:
+        return "-"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "-" if f != f else f"{f:.{nd}f}"
+
+
+def _metrics_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    reg = list_metrics(report=True, opts={"k": 1, "window": 1, "target_mask": 1, "target_map": 1})
+    seen = [m for m in reg if any(m in r for r in records)]
+    return seen
+
+
+def grid_table(records: Sequence[Mapping[str, Any]], clean_acc: float | None = None) -> str:
+    """One row per explainer x attack x eps with the mean of every reported metric, the label-kept rate and the
+    number of attacked images (``-`` where no image was attacked).
+
+    >>> print(grid_table([{"method": "saliency", "attack": "topk", "epsilon_255": 8, "n_images": 0}]).splitlines()[2])
+    | saliency | topk | 8 | 0 | - | - |
+    """
+    metrics = _metrics_of(records)
+    head = "| method | attack | eps (/255) | n | " + " | ".join(metric_label(m) for m in metrics)
+    head += (" | " if metrics else "") + "label kept | zero gradient |"
+    lines = [head, "|" + "---|" * (6 + len(metrics))]
+    for r in records:
+        vals = [fmt(r.get(m), 2 if m == "center_shift" else 3) for m in metrics]
+        lines.append(
+            f"| {r['method']} | {r['attack']} | {float(r['epsilon_255']):.3g} | {r['n_images']} | "
+            + " | ".join(vals)
+            + (" | " if vals else "")
+            + f"{fmt(r.get('label_kept_rate'), 2)} | {fmt(r.get('zero_gradient_rate'), 2)} |"
+        )
+    if clean_acc is not None:
+        lines += ["", f"Clean accuracy on the selected images: {100 * clean_acc:.1f}%."]
+    empty = [r for r in records if not r.get("n_images")]
+    if empty:
+        lines += [
+            "",
+            f"{len(empty)} cell(s) attacked no image (every selected image misclassified or skipped): their metrics "
+            "are not defined and shown as `-`.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def protocol_block(protocol: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """The attack protocol as a markdown list (steps, step size, beta, k, criterion, restarts, ...), for beside a
+    table: numbers from different protocols are not comparable.
+
+    >>> print(protocol_block({"steps": 30, "step_size": 0.5 / 255, "k": 100}).splitlines()[0])
+    **Protocol** (numbers from different protocols are not comparable):
+    """
+    items = dict(protocol)
+    if extra:
+        items.update(extra)
+    lines = ["**Protocol** (numbers from different protocols are not comparable):", ""]
+    for key in ("steps", "step_size", "beta", "k", "criterion", "restarts", "random_start", "check_every", "threat"):
+        if key in items:
+            v = items.pop(key)
+            if key == "step_size":
+                v = "2.5 * eps / steps (default)" if v is None else f"{float(v) * 255:.3g}/255"
+            lines.append(f"- {key}: {v}")
+    for key, v in items.items():
+        lines.append(f"- {key}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(
+    rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("topk_intersection", "spearman")
+) -> str:
+    """The defense comparison: one row per checkpoint with its clean accuracy and, for each listed metric, the
+    value under the comparison's attack at the largest eps.
+
+    >>> print(comparison_table([{"name": "a", "clean_accuracy": 0.9, "robustness": {"topk_intersection": 0.5},
+    ...                          "n_attacked": 10}]).splitlines()[2])
+    | a | 90.0 | 10 | 0.500 | - |
+    """
+    head = "| defense (checkpoint) | clean acc (%) | attacked | " + " | ".join(metric_label(m) for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    for r in rows:
+        acc = r.get("clean_accuracy")
+        rob = r.get("robustness", {})
+        lines.append(
+            f"| {r['name']} | {fmt(None if acc is None else 100 * acc, 1)} | {r.get('n_attacked', 0)} | "
+            + " | ".join(fmt(rob.get(m)) for m in metrics)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
