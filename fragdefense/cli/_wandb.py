@@ -6,7 +6,6 @@ kept in ``<out_dir>/wandb_id.txt``)."""
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 import uuid
@@ -162,6 +161,6 @@ def _plain(v: Any) -> Any:
         return v
     if isinstance(v, numbers.Integral):  # also numpy / torch integer scalars
         return int(v)
-    if isinstance(v, numbers.Real):  # also numpy floats; +-inf is not JSON
-        return None if math.isinf(float(v)) else float(v)
+    if isinstance(v, numbers.Real):  # also numpy floats
+        return float(v)
     return str(v)

@@ -11,6 +11,9 @@ For the main model (``checkpoint=`` or ``model_name=`` + ``weights_path=``):
 * per-image ``lambda_max`` versus the top-k intersection left by the top-k attack on the saliency map, and
   their Spearman correlation -> ``lambda_vs_fragility.png``.
 
+Everything is also logged to one W&B run in ``<out_dir>/wandb`` (``wandb.mode``: auto | online | offline |
+disabled).
+
 With ``run_dir=`` (a ``fragdefense-train`` run: every ``checkpoints/*.ckpt``) or ``checkpoints=[...]`` (several
 models, e.g. epochs or defenses) the curvature summary (and, with ``compare.fragility``, the attack) is run for
 each -> ``eigen_over_checkpoints.png`` and the Spearman correlation across models.
@@ -36,6 +39,7 @@ from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
+from fragdefense.cli._wandb import log_artifact_file, log_figure, log_markdown_table, log_scalars, wandb_run
 from fragdefense.hessian import (
     eigenvalues_vs_beta,
     fragility_vs_curvature,
@@ -291,7 +295,15 @@ def _checkpoint_summary(
 
 def hessian(cfg: DictConfig) -> dict[str, Any]:
     """Run the analysis described by ``cfg`` (see ``fragdefense/configs/hessian.yaml``); returns the
-    ``results.json`` payload."""
+    ``results.json`` payload.
+
+    With a ``wandb`` node (mode not ``disabled``) one W&B run (job type ``hessian``, config = the resolved ``cfg``)
+    in ``<out_dir>/wandb`` gets, in one step, the numeric entries of ``results.json`` (``clean_accuracy``,
+    ``param/trace``, ``fragility/spearman_abs_lambda_vs_topk``, ``timings/param``, ...; plus
+    ``param/top_eigenvalue``), its per-item records as ``wandb.Table``s (see :func:`_tables`), every figure
+    (``figures/<png stem>``), then ``results.json`` and ``results.md`` as the artifact ``hessian-results``; the
+    run is finished also on error (exit code 1).
+    """
     import_plugins(cfg)
     t0 = time.perf_counter()
     try:
@@ -300,6 +312,80 @@ def hessian(cfg: DictConfig) -> dict[str, Any]:
         out_dir = Path("runs/hessian") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not any(cfg.get(k) for k in ("checkpoint", "model_name", "run_dir", "checkpoints")):
+        raise ValueError(
+            "give `checkpoint=<.ckpt>`, `model_name=<name> weights_path=<file>`, `run_dir=<train run>` or "
+            "`checkpoints=[...]`"
+        )
+    # one W&B run per command, on the global-zero process only (the command is single-process today)
+    options = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.get("wandb") is not None and _rank_zero() else None
+    run_cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"out_dir": str(out_dir)}), resolve=True)
+    with wandb_run(out_dir, "hessian", run_cfg, options) as run:
+        payload = _hessian(cfg, out_dir, t0)
+        _log_wandb(run, payload, out_dir)
+    return payload
+
+
+def _rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _tables(p: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The per-item records of a ``results.json`` payload, by W&B key: ``param/eigenvalues`` (rank, eigenvalue,
+    residual), ``directions/per_radius``, ``directions/per_image`` (image index, lambda_max),
+    ``beta_sweep/<objective>/per_beta`` (beta, |lambda| median / mean / quartiles), ``fragility/images`` (image
+    index, lambda_max, grad_norm, top-k intersection, map Spearman), ``checkpoints/checkpoints`` and
+    ``checkpoints/monitor_history``."""
+    idx = p.get("image_indices") or []
+    out: dict[str, list[dict[str, Any]]] = {}
+    if "param" in p:
+        q = p["param"]
+        res = q.get("residuals") or [None] * len(q["top_eigenvalues"])
+        out["param/eigenvalues"] = [
+            {"rank": i + 1, "eigenvalue": v, "residual": r} for i, (v, r) in enumerate(zip(q["top_eigenvalues"], res))
+        ]
+    if "directions" in p:
+        out["directions/per_radius"] = p["directions"]["per_radius"]
+        out["directions/per_image"] = [
+            {"image_index": i, "lambda_max": v} for i, v in zip(idx, p["directions"]["per_image_lambda"])
+        ]
+    for obj, s in p.get("beta_sweep", {}).items():
+        out[f"beta_sweep/{obj}/per_beta"] = [
+            {"beta": b, "abs_median": m, "abs_mean": a, "abs_q25": lo, "abs_q75": hi}
+            for b, m, a, lo, hi in zip(s["betas"], s["abs_median"], s["abs_mean"], s["abs_q25"], s["abs_q75"])
+        ]
+    if "fragility" in p:
+        q = p["fragility"]
+        cols = ("lambda_max", "grad_norm", "topk_intersection", "map_spearman")
+        out["fragility/images"] = [
+            {"image_index": idx[pos] if pos < len(idx) else pos, **dict(zip(cols, vals))}
+            for pos, *vals in zip(q["image_position"], *(q[c] for c in cols))
+        ]
+    if "checkpoints" in p:
+        out["checkpoints/checkpoints"] = p["checkpoints"]["checkpoints"]
+        if p["checkpoints"].get("monitor_history"):
+            out["checkpoints/monitor_history"] = p["checkpoints"]["monitor_history"]
+    return {k: v for k, v in out.items() if v}
+
+
+def _log_wandb(run: Any, payload: dict[str, Any], out_dir: Path) -> None:
+    """The command's numbers, tables and figures as one W&B step, then ``results.json`` as an artifact."""
+    if run is None:
+        return
+    log_scalars(run, payload, commit=False)
+    if payload.get("param", {}).get("top_eigenvalues"):
+        run.log({"param/top_eigenvalue": payload["param"]["top_eigenvalues"][0]}, commit=False)
+    for key, rows in _tables(payload).items():
+        log_markdown_table(run, key, rows, commit=False)
+    for f in payload.get("figures") or []:
+        log_figure(run, f"figures/{Path(f).stem}", f, commit=False)
+    run.log({})  # close the step
+    log_artifact_file(run, "hessian-results", "results", out_dir / "results.json", out_dir / "results.md")
+
+
+def _hessian(cfg: DictConfig, out_dir: Path, t0: float) -> dict[str, Any]:
     seed = int(cfg.seed)
     torch.manual_seed(seed)
     device = _device(str(cfg.device))

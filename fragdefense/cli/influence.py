@@ -1,6 +1,7 @@
 """``fragdefense-influence``: influence functions of a trained model's last layer and the attack on them
 (Ghorbani et al.; `docs/background.md` §4). Writes ``results.json`` and a figure of the most influential training
-images of a few test images before and after the attack.
+images of a few test images before and after the attack, and logs them to one W&B run in ``<out_dir>/wandb``
+(``wandb.mode``: auto | online | offline | disabled).
 
 Setting (the paper's two-flower task by default when ``classes`` lists two classes): the network's frozen
 features, a linear head on them (``head_mode=retrain``: fitted to its exact optimum on ``n_train`` training
@@ -27,6 +28,7 @@ from fragdefense.cli._common import import_plugins
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._config import config_dir
+from fragdefense.cli._wandb import log_artifact_file, log_figure, log_markdown_table, log_scalars, wandb_run
 from fragdefense.influence import (
     LastLayerInfluence,
     attack_influence,
@@ -99,7 +101,14 @@ def _features(fn: Any, x: torch.Tensor, device: torch.device, bs: int) -> torch.
 
 def influence(cfg: DictConfig) -> dict[str, Any]:
     """Run the influence experiment described by ``cfg`` (see ``fragdefense/configs/influence.yaml``); returns the
-    ``results.json`` payload."""
+    ``results.json`` payload.
+
+    With a ``wandb`` node (mode not ``disabled``) one W&B run (job type ``influence``, config = the resolved
+    ``cfg``) in ``<out_dir>/wandb`` gets, in one step, the numeric entries of ``results.json`` (``n_test``,
+    ``test_accuracy``, ``attacks/<attack>/spearman``, ...), one ``wandb.Table`` per attack of its per-image records
+    (``attacks/<attack>/images``), the figure (``figures/top_influential``), then ``results.json`` and
+    ``results.md`` as the artifact ``influence-results``; the run is finished also on error (exit code 1).
+    """
     import_plugins(cfg)
     t0 = time.perf_counter()
     try:
@@ -108,15 +117,50 @@ def influence(cfg: DictConfig) -> dict[str, Any]:
         out_dir = Path("runs/influence") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg.seed)
-    torch.manual_seed(seed)
-    device = _device(str(cfg.device))
     head_mode = str(cfg.head_mode)
     if head_mode not in HEAD_MODES:
         raise ValueError(f"`head_mode` must be one of {HEAD_MODES}, got {head_mode!r}")
     eps = parse_eps(cfg.attack.eps)
     if str(cfg.test_label) not in ("true", "True", "pred"):
         raise ValueError(f"`test_label` must be 'true' or 'pred', got {cfg.test_label!r}")
+    if not cfg.get("checkpoint") and not cfg.get("model_name"):
+        raise ValueError(
+            "give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`"
+        )
+    # one W&B run per command, on the global-zero process only (the command is single-process today)
+    options = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.get("wandb") is not None and _rank_zero() else None
+    run_cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"out_dir": str(out_dir)}), resolve=True)
+    with wandb_run(out_dir, "influence", run_cfg, options) as run:
+        payload, figures = _influence(cfg, out_dir, t0, head_mode, eps)
+        _log_wandb(run, payload, figures, out_dir)
+    return payload
+
+
+def _rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _log_wandb(run: Any, payload: dict[str, Any], figures: list[Path], out_dir: Path) -> None:
+    """The command's numbers, per-image tables and figure as one W&B step, then ``results.json`` as an artifact."""
+    if run is None:
+        return
+    log_scalars(run, payload, commit=False)
+    for name, r in payload["attacks"].items():
+        log_markdown_table(run, f"attacks/{name}/images", r["images"], commit=False)
+    for f in figures:
+        log_figure(run, f"figures/{f.stem}", f, commit=False)
+    run.log({})  # close the step
+    log_artifact_file(run, "influence-results", "results", out_dir / "results.json", out_dir / "results.md")
+
+
+def _influence(
+    cfg: DictConfig, out_dir: Path, t0: float, head_mode: str, eps: float
+) -> tuple[dict[str, Any], list[Path]]:
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    device = _device(str(cfg.device))
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -234,6 +278,7 @@ def influence(cfg: DictConfig) -> dict[str, Any]:
     }
     atomic_write_json(out_dir / "results.json", payload)
     atomic_write_text(out_dir / "results.md", results_table(payload))
+    figures: list[Path] = []
     if cfg.get("figures", True) and "gradient" in res_by_attack:
         from fragdefense.influence.viz import plot_top_influential
 
@@ -265,12 +310,13 @@ def influence(cfg: DictConfig) -> dict[str, Any]:
             train_labels=y_train,
             train_ids=tr_ids,
         )
+        figures.append(out_dir / "top_influential.png")
     from rich.console import Console
     from rich.markdown import Markdown
 
     Console().print(Markdown(results_table(payload)))
     Console().print(f"results: {out_dir / 'results.json'}")
-    return payload
+    return payload, figures
 
 
 def results_table(payload: dict[str, Any]) -> str:
