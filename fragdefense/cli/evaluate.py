@@ -183,14 +183,13 @@ def _grid_one(
     bs = int(cfg.batch_size)
     attacks = list(cfg.attacks)
     mcfg = OmegaConf.merge(cfg, {"checkpoint": str(checkpoint) if checkpoint else None})
-    store = CellStore(out_dir, _result_config(mcfg, checkpoint, specs, proto, eps_list), rank, world)
-
     datamodule = instantiate(cfg.data)
     datamodule.setup("test")
     test_set = datamodule.test_set
     model = _load_model(mcfg, datamodule).to(device).eval()
     idx = _selected_indices(len(test_set), int(cfg.n_images), int(cfg.seed))
-    _check_classes(model, datamodule, test_set[idx[0]][0][None], device)
+    _check_classes(model, datamodule, test_set[idx[0]][0][None], device)  # before any work
+    store = CellStore(out_dir, _result_config(mcfg, checkpoint, specs, proto, eps_list), rank, world)
     shard = idx[rank::world]
     loader = torch.utils.data.DataLoader(
         _Indexed(test_set, shard), batch_size=bs, shuffle=False, num_workers=int(cfg.get("num_workers", 0) or 0)
