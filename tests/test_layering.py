@@ -9,8 +9,9 @@ def test_core_packages_import_no_ecosystem_layer():
 
     code = (
         "import sys; import fragdefense.regularizers, fragdefense.attacks, fragdefense.hessian, "
-        "fragdefense.influence, fragdefense.attributions; "
-        "bad = [m for m in ('lightning', 'torchmetrics', 'wandb', 'hydra') if m in sys.modules]; "
+        "fragdefense.influence, fragdefense.attributions, fragdefense.evaluation, fragdefense.evaluation.explainers, "
+        "fragdefense.evaluation.report, fragdefense.evaluation.figures; "
+        "bad = [m for m in ('lightning', 'torchmetrics', 'wandb', 'hydra', 'omegaconf') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

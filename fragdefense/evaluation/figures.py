@@ -11,7 +11,7 @@ import torch
 
 from fragdefense.utils.io import atomic_savefig
 
-__all__ = ["plot_metrics_vs_eps", "plot_examples", "plot_defense_comparison"]
+__all__ = ["plot_metrics_vs_eps", "plot_examples", "plot_defense_comparison", "plot_robustness_vs_cost"]
 
 
 def _default_metrics() -> tuple[str, ...]:
@@ -129,6 +129,54 @@ def plot_defense_comparison(
     if missing:
         ax.text(0.02, 0.02, "no attacked image: " + ", ".join(missing), transform=ax.transAxes, fontsize=7)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_savefig(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+_COST_METRICS = (("topk_intersection", "top-k intersection"), ("spearman", "Spearman"), ("lens_recall", "LENS recall"))
+
+
+def plot_robustness_vs_cost(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Robustness (top-k intersection, Spearman, LENS recall after the attack) against the measured seconds per
+    explanation (log x axis; process CPU seconds where recorded, else wall-clock): one colour per explainer,
+    one marker per (attack, eps)."""
+    use_cpu = all(r.get("cpu_seconds_per_image") is not None for r in records)
+    cost_key = "cpu_seconds_per_image" if use_cpu else "seconds_per_image"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    labels = list(dict.fromkeys(r["method"] for r in records))
+    cells = list(dict.fromkeys((r["attack"], r["epsilon_255"]) for r in records))
+    colours = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
+    markers = dict(zip(cells, "os^Dv<>phX*"))
+    fig, axes = plt.subplots(1, len(_COST_METRICS), figsize=(4.6 * len(_COST_METRICS), 4.0), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], _COST_METRICS):
+        for r in records:
+            if r.get(metric) is None or r.get(cost_key) is None:
+                continue
+            ax.scatter(
+                r[cost_key],
+                r[metric],
+                color=colours[r["method"]],
+                marker=markers.get((r["attack"], r["epsilon_255"]), "o"),
+                s=40,
+                alpha=0.85,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{'CPU' if use_cpu else 'wall-clock'} seconds per explanation (measured)")
+        ax.set_title(title + " after attack")
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colours[lab], marker="o", ls="", label=lab) for lab in labels]
+    handles += [
+        Line2D([], [], color="grey", marker=markers[c], ls="", label=f"{c[0]} eps={c[1]:.3g}/255") for c in cells
+    ]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     atomic_savefig(fig, path, dpi=120)

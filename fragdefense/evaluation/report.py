@@ -6,9 +6,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fragdefense.evaluation.explainers import attack_path
 from fragdefense.metrics.registry import list_metrics, metric_label
 
-__all__ = ["fmt", "grid_table", "protocol_block", "comparison_table"]
+__all__ = [
+    "fmt",
+    "grid_table",
+    "protocol_block",
+    "comparison_table",
+    "compare_table",
+    "cost_table",
+    "seed_table",
+    "pgd_table",
+]
 
 
 def fmt(v: Any, nd: int = 3) -> str:
@@ -104,5 +114,91 @@ def comparison_table(
             f"| {r['name']} | {fmt(None if acc is None else 100 * acc, 1)} | {r.get('n_attacked', 0)} | "
             + " | ".join(fmt(rob.get(m)) for m in metrics)
             + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def compare_table(records: list[dict[str, Any]], clean_acc: float | None = None) -> str:
+    """Markdown table of the comparison (one row per explainer x attack x eps), with cost and attack path."""
+    head = (
+        "| explainer | attack | eps (/255) | top-k ∩ | Spearman | Kendall | center shift (px) | LENS recall "
+        "| label kept | n | s / explanation (wall) | CPU s / explanation | attack gradient |"
+    )
+    lines = [head, "|" + "---|" * 13]
+
+    def g(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    for r in records:
+        lines.append(
+            f"| {r['method']} | {r['attack']} | {r['epsilon_255']:.3g} | {_f(r.get('topk_intersection'))} | "
+            f"{_f(r.get('spearman'))} | {_f(r.get('kendall'))} | {_f(r.get('center_shift'), 2)} | "
+            f"{_f(r.get('lens_recall'))} | {_f(r.get('label_kept_rate'), 2)} | {r['n_images']} | "
+            f"{g(r.get('seconds_per_image'))} | {g(r.get('cpu_seconds_per_image'))} | {r.get('attack_path', '-')} |"
+        )
+    if clean_acc is not None:
+        lines += ["", f"Clean accuracy on the selected images: {100 * clean_acc:.1f}%."]
+    return "\n".join(lines) + "\n"
+
+
+def cost_table(explainers: dict[str, dict[str, Any]], beta: Any = None) -> str:
+    """Markdown table of the explainers: method, options, attack gradient path and measured cost."""
+
+    def g(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    lines = [
+        "| explainer | method | options | attack gradient | s / explanation (wall) | CPU s / explanation |",
+        "|" + "---|" * 6,
+    ]
+    for label, e in explainers.items():
+        opts = ", ".join(f"{k}={v}" for k, v in e["opts"].items()) or "-"
+        lines.append(
+            f"| {label} | {e['method']} | {opts} | {attack_path(e, beta)} | {g(e.get('seconds_per_image'))} | "
+            f"{g(e.get('cpu_seconds_per_image'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def seed_table(chk: dict[str, Any]) -> str:
+    """Markdown table of the seed-to-seed overlap of the seeded explainers (their noise floor)."""
+    if not chk["explainers"]:
+        return ""
+    lines = [
+        f"Seed check: overlap of the clean map with `seed` vs `seed + 1` ({chk['n_images']} images, k={chk['k']}); "
+        "attacked maps are compared with the same seed.",
+        "",
+        "| explainer | top-k ∩ | Spearman | LENS recall |",
+        "|---|---|---|---|",
+    ]
+    for label, r in chk["explainers"].items():
+        lines.append(f"| {label} | {_f(r['topk_intersection'])} | {_f(r['spearman'])} | {_f(r['lens_recall'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def pgd_table(pgd: dict[str, Any]) -> str:
+    """Markdown table of the PGD-evidence check."""
+    p = pgd["protocol"]
+    lines = [
+        f"PGD evidence check (Lim, Lee & Kim's claim): L-inf PGD eps={p['eps'] * 255:.3g}/255, {p['steps']} steps of "
+        f"{p['step_size'] * 255:.3g}/255, random start; {pgd['n_flipped']} of {pgd['n_correct']} correctly "
+        f"classified images flipped. Overlap of the clean map M_y(x) with the map of the original class "
+        f"M_y(x_adv) and, as a control, of the adversarial class M_y'(x_adv); top-k with k={p['k']}, "
+        f"rate = fraction with top-k ∩ >= {p['threshold']}.",
+        "",
+        "| explainer | orig class: top-k ∩ | Spearman | LENS recall | rate | adv class: top-k ∩ | Spearman "
+        "| LENS recall | rate |",
+        "|" + "---|" * 9,
+    ]
+    for label, r in pgd["explainers"].items():
+        lines.append(
+            f"| {label} | {_f(r['orig_class_topk_intersection'])} | {_f(r['orig_class_spearman'])} | "
+            f"{_f(r['orig_class_lens_recall'])} | {_f(r['orig_class_rate_topk_ge_threshold'], 2)} | "
+            f"{_f(r['adv_class_topk_intersection'])} | {_f(r['adv_class_spearman'])} | "
+            f"{_f(r['adv_class_lens_recall'])} | {_f(r['adv_class_rate_topk_ge_threshold'], 2)} |"
         )
     return "\n".join(lines) + "\n"
