@@ -105,8 +105,8 @@ def test_evaluate_metrics_records_and_shard_invariance(trained):
         rows = [r for r in rep.records if r["attack"] == a]
         assert len(rows) == n_correct
         for metric in ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall"):
-            mean = sum(r[metric] for r in rows) / len(rows)  # records (functional core) == torchmetrics classes
-            assert math.isclose(rep.metrics[f"saliency/{a}/{metric}"], mean, abs_tol=1e-6)
+            mean = math.fsum(r[metric] for r in rows) / len(rows)  # the logged means are those of the records
+            assert rep.metrics[f"saliency/{a}/{metric}"] == mean
         assert rep.metrics[f"saliency/{a}/label_kept_rate"] == 1.0
         assert 0.0 <= rep.metrics[f"saliency/{a}/mask_mass_attacked"] <= 1.0
     # the targeted attack is stronger than the random baseline at the same eps (Ghorbani et al.)
@@ -115,9 +115,10 @@ def test_evaluate_metrics_records_and_shard_invariance(trained):
     assert ex["x"].shape == (2, 3, 32, 32) and ex["adv_map"].shape == (2, 32, 32)
     assert (ex["x_adv"] - ex["x"]).abs().max() <= 8 / 255 + 1e-6  # within eps of the clean images
     # deterministic, and every image's result is independent of the sharding / batch size (random attacks
-    # are seeded per image): shards 0::2 and 1::2 together give exactly the 1-process records
+    # draw from per-image generators, also in batches): shards 0::2 and 1::2 together give exactly the
+    # 1-process records, and equal records give equal means (float64, summed exactly)
     again = FragilityMonitor(attacks=["random_sign", "topk"], **{**FAST, "batch_size": 5}).evaluate(model, probe)
-    assert again.metrics == pytest.approx(rep.metrics, abs=1e-6) and again.records == rep.records
+    assert again.metrics == rep.metrics and again.records == rep.records
     shards = [mon.evaluate(model, probe, rank=r, world_size=2, keep_examples=r == 0) for r in range(2)]
     merged = sorted(shards[0].records + shards[1].records, key=lambda r: (r["attack"], r["probe_pos"]))
     assert merged == sorted(rep.records, key=lambda r: (r["attack"], r["probe_pos"]))
@@ -151,6 +152,94 @@ def test_evaluate_has_no_side_effects(trained):
     assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())  # BN running stats too
     assert torch.equal(torch.random.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])
+
+
+def test_records_are_the_engine_rows_of_fragdefense_eval(trained):
+    """The monitor runs the evaluation engine: its records are ``run_grid``'s rows for the same images (ids = test
+    indices), seed and protocol, so a random attack perturbs every image as ``fragdefense-eval`` does."""
+    from fragdefense.evaluation import run_grid
+
+    model, dm, _ = trained
+    probe = dm.probe_batch()
+    mon = FragilityMonitor(attacks=["random_sign", "topk"], seed=3, **FAST)
+    rep = mon.evaluate(model, probe)
+    data = [
+        (probe["x"][:20], probe["y"][:20], probe["indices"][:20]),
+        (probe["x"][20:], probe["y"][20:], probe["indices"][20:]),
+    ]
+    protocol = {k: v for k, v in mon._attack_kwargs().items() if k != "eps"} | {"k": mon.k}
+    for res in run_grid(
+        model, data, explainers=["saliency"], attacks=mon.attacks, eps=["8/255"], protocol=protocol, seed=3
+    ):
+        mine = [
+            {k: v for k, v in r.items() if not k.startswith("mask_mass")}
+            for r in rep.records
+            if r["attack"] == res.cell.attack
+        ]
+        assert len(mine) == len(res.rows) > 0
+        for r, e in zip(mine, res.rows):
+            assert r["test_index"] == e["image"] == probe["indices"][r["probe_pos"]]
+            assert {k: v for k, v in r.items() if k not in ("method", "attack", "eps", "probe_pos", "test_index")} == {
+                k: v for k, v in e.items() if k != "image"
+            }
+        assert rep.cells[("saliency", res.cell.attack)]["n_images"] == res.aggregate["n_images"]
+        for name in ("spearman", "topk_intersection", "label_kept_rate", "perturbed_rate"):
+            assert rep.metrics[f"saliency/{res.cell.attack}/{name}"] == res.aggregate[name]
+
+
+def test_cells_without_attacked_or_perturbed_images_are_flagged(tmp_path):
+    """NaN is logged where no probe image was attacked; the summary says why instead of giving numbers, and flags
+    cells where nothing was perturbed or the ascent gradient was zero (a similarity of 1 there is not robustness)."""
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=10, width=4).eval()
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    probe = {"x": x, "y": (pred + 1) % 10, "mask": None, "indices": list(range(10, 16))}  # all misclassified
+    kw = {"attacks": ["random_sign", "topk"], "steps": 2, "check_every": 1, "k": 20, "maps_png": None}
+    mon = FragilityMonitor(**kw)
+    rep = mon.evaluate(net, probe)
+    assert rep.metrics["probe_acc"] == 0.0 and rep.records == [] and rep.examples == {}
+    names = [n for n in mon.metric_names(with_mask=False) if n != "fragility/seconds"]
+    assert list(rep.scalars())[:-1] == names  # still every scalar (checkpoint monitors may read them) ...
+    assert all(math.isnan(v) for k, v in rep.metrics.items() if k != "probe_acc")  # ... as NaN
+    mon.final = rep
+    for v in mon.summary()["methods"]["saliency"]["attacks"].values():
+        assert v["n_attacked"] == 0 and v["acc_attacked"] == 0.0
+        assert "spearman" not in v and "topk_intersection" not in v  # no numbers ...
+        assert v["text"] == "acc 0.00%: no probe image attacked (all misclassified)"  # ... but the reason
+        assert any("no probe image attacked (all misclassified)" in n for n in v["notes"])
+    assert "acc 0.00%: no probe image attacked" in json.dumps(mon.summary())  # JSON-ready
+
+    # eps 0: every image attacked, none perturbed -> the similarities (1.0) are not reported as robustness
+    mon0 = FragilityMonitor(**{**kw, "eps": 0, "step_size": 0})
+    mon0.final = mon0.evaluate(net, {**probe, "y": pred})
+    for a, v in mon0.summary()["methods"]["saliency"]["attacks"].items():
+        assert mon0.final.metrics[f"saliency/{a}/perturbed_rate"] == 0.0 and v["n_attacked"] == 6
+        assert "no image perturbed" in v["text"] and "1.000" not in v["text"] and v["notes"]
+
+    # a linear model: its saliency map does not depend on the input, the top-k ascent gradient is zero
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10)).eval()
+    monl = FragilityMonitor(**kw)
+    with pytest.warns(RuntimeWarning, match="identically zero"):
+        monl.final = monl.evaluate(lin, {**probe, "y": lin(x).argmax(1)})
+    topk = monl.summary()["methods"]["saliency"]["attacks"]["topk"]
+    assert topk["zero_gradient_rate"] == 1.0 and "zero ascent gradient" in topk["text"] and "1.000" not in topk["text"]
+    assert any("zero ascent gradient" in n for n in topk["notes"])
+    assert all(r["zero_gradient"] for r in monl.final.records if r["attack"] == "topk")
+
+    # in a trainer, the global-zero process warns about such cells at every evaluation
+    dm = SyntheticDataModule(n_train=64, n_test=32, batch_size=32, probe_size=4, image_size=16)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[FragilityMonitor(**kw, probe=(x, lin(x).argmax(1)))],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(RuntimeWarning, match="FragilityMonitor, saliency / topk: .*zero ascent gradient"):
+        trainer.validate(ClassifierModule(lin, num_classes=10), datamodule=dm, verbose=False)
 
 
 # --- training is not disturbed ----------------------------------------------------------------------------
@@ -280,6 +369,7 @@ def test_train_logs_fragility_to_wandb_csv_and_summary(tmp_path, capsys, monkeyp
     topk = f["methods"]["saliency"]["attacks"]["topk"]
     assert {"topk_intersection", "spearman", "acc_attacked", "mask_mass_attacked"} <= set(topk)
     assert f["probe_acc"] > 0 and math.isclose(topk["acc_attacked"], f["probe_acc"] * topk["label_kept_rate"])
+    assert topk["n_attacked"] == round(f["probe_acc"] * 32) and topk["text"].startswith("acc ")
     png = Path(f["maps_png"])
     assert png == tmp_path / "fragility_maps.png" and png.stat().st_size > 1000
     out = capsys.readouterr().out
@@ -311,7 +401,8 @@ def test_train_logs_fragility_to_wandb_csv_and_summary(tmp_path, capsys, monkeyp
     tables = [h for h in history if h.get("fragility/per_image/_type") == "table-file"]
     assert len(tables) == 1 and any("fragility/maps/_type" in h for h in history)
     table = json.loads((run_dir / "files" / tables[0]["fragility/per_image/path"]).read_text())
-    assert {"method", "attack", "eps", "test_index", "label", "topk_intersection", "spearman"} <= set(table["columns"])
+    cols = {"method", "attack", "eps", "test_index", "label", "zero_gradient", "topk_intersection", "spearman"}
+    assert cols <= set(table["columns"])
     assert len(table["data"]) == 2 * round(f["probe_acc"] * 32)  # attacked images x 2 attacks
     assert "fragility_monitor" in config and "saliency" in config["fragility_monitor"]
 
@@ -348,8 +439,8 @@ with open(f"{out}.rank{trainer.global_rank}.json", "w") as f:
 
 def test_ddp_two_processes_match_one_process(trained, tmp_path):
     """Lightning's DDP (subprocess launcher, gloo) in a script run by ``subprocess``; the same fixed weights are
-    evaluated by ``trainer.validate``. Per-image records are bitwise equal, means agree to 1e-6 (float64 sums
-    are added in a different order across processes)."""
+    evaluated by ``trainer.validate``. Per-image records are bitwise equal, and so are the means (computed on every
+    process from the gathered records, float64, summed exactly: independent of the order)."""
     _, _, ckpt = trained
     script = tmp_path / "ddp_monitor.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
@@ -386,9 +477,7 @@ def test_ddp_two_processes_match_one_process(trained, tmp_path):
         enable_checkpointing=False,
     ).validate(module, datamodule=dm, verbose=False)
     ref = mon.last
-    for rk in ranks:  # every process holds the synchronised metrics and all the records
+    for rk in ranks:  # every process holds the same metrics and all the records
         assert rk["records"] == json.loads(json.dumps(ref.records))
-        assert rk["metrics"].keys() == ref.metrics.keys()
-        for k, v in ref.metrics.items():
-            assert math.isclose(rk["metrics"][k], v, abs_tol=1e-6), k
+        assert rk["metrics"] == json.loads(json.dumps(ref.metrics))  # exactly (no NaN: images are attacked)
     assert len(ref.records) == 2 * round(ref.metrics["probe_acc"] * DM_KW["probe_size"]) > 0

@@ -2,8 +2,8 @@
 
 :class:`FragilityMonitor` runs, on a fixed probe set (the datamodule's ``probe_batch()`` subset of the test split;
 for any other datamodule or dataloader the first ``n_probe`` images of its validation loader, or ``probe=``), every
-configured attribution method against every configured attack (:func:`fragdefense.attacks.attack_interpretation`)
-and logs, per epoch,
+configured attribution method against every configured attack, each (method, attack) one cell of the evaluation
+engine (:func:`fragdefense.evaluation.run_cell`, the engine of ``fragdefense-eval``), and logs, per epoch,
 
 * ``fragility/probe_acc``: clean accuracy on the probe images;
 * ``fragility/<method>/<attack>/<metric>`` for ``topk_intersection``, ``spearman``, ``kendall``,
@@ -14,7 +14,10 @@ and logs, per epoch,
 * ``fragility/seconds`` (wall time of the evaluation, the slowest process under DDP).
 
 Only images the model classifies correctly are attacked (the protocol of Ghorbani et al.); the similarity
-metrics are means over those images.
+metrics are means over those images. A (method, attack) without an attacked image (every probe image
+misclassified) logs NaN for its metrics, and :meth:`FragilityMonitor.summary` says so instead of giving numbers; it
+also flags cells where no image was perturbed or the ascent gradient was zero (their similarities are not
+evidence of robustness).
 
 Design notes:
 
@@ -31,13 +34,15 @@ Design notes:
   attacks differentiate with ``torch.autograd.grad`` w.r.t. the input only, so no parameter ``.grad`` changes;
   BatchNorm statistics are untouched in eval mode; the optimizer is never seen. A test checks bitwise-equal
   weights and losses with the monitor on and off.
-* **Deterministic and shard-invariant.** Attacks without randomness (gradient attacks without random start)
-  run batched. Randomised attacks (``random_sign``, ``random_walk``, ``random_start=True``) run image by
-  image with a generator seeded from ``(seed, method, attack, test index)``, so every image gets the same
-  perturbation at every epoch, whatever the batch size, ``n_probe`` or number of processes.
-* **Multi-device.** Under DDP rank ``r`` of ``W`` takes probe positions ``r::W``; the metrics are torchmetrics
-  objects whose ``sum``/``count`` states are summed across processes at ``compute`` (the means are exact),
-  per-image records are gathered to every rank, and images, tables and the PNG are written by rank 0 only.
+* **Deterministic and shard-invariant.** Every attack runs in batches of ``batch_size``; each image draws its
+  random numbers (``random_sign``, ``random_walk``, ``random_start=True``) from its own generator seeded from
+  ``(seed, method, attack, eps, test index)`` (:func:`fragdefense.utils.conventions.image_seed`, the seeds of
+  ``fragdefense-eval``), so every image gets the same perturbation at every epoch, whatever the batch size,
+  ``n_probe`` or number of processes.
+* **Multi-device.** Under DDP rank ``r`` of ``W`` takes probe positions ``r::W``; the per-image records (and the
+  clean-accuracy counts) are gathered to every rank and the means computed from them in float64
+  (:func:`fragdefense.evaluation.aggregate_rows`), so every rank logs the same values; images, tables and the
+  PNG are written by rank 0 only.
 * **W&B.** With a ``WandbLogger`` the scalars are defined (``define_metric``) against ``epoch``; example strips
   (original, perturbed, clean map, attacked map) are logged every ``log_images_every_n_epochs`` epochs as
   ``fragility/<method>/<attack>/examples``; at the end of fit a ``wandb.Table`` of per-image results
@@ -46,10 +51,10 @@ Design notes:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,7 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fragdefense.attacks import attack_interpretation, get_attack, list_attacks
+from fragdefense.attacks import get_attack, list_attacks
 from fragdefense.attributions import get_attribution, supports_create_graph
 from fragdefense.callbacks._probe import (
     ImageSource,
@@ -72,9 +77,11 @@ from fragdefense.callbacks._probe import (
     images_from,
     resolve_network,
 )
+from fragdefense.evaluation.engine import Cell, ExplainerSpec, aggregate_rows, clean_accuracy, run_cell
 from fragdefense.metrics import functional as MF
-from fragdefense.metrics.registry import get_metric, list_metrics
+from fragdefense.metrics.registry import list_metrics
 from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.conventions import Budget
 
 __all__ = [
     "FragilityMonitor",
@@ -113,6 +120,10 @@ def monitor_metrics(k: int = 100, lens_window: int = 1) -> tuple[str, ...]:
 MONITOR_ATTACKS = monitor_attacks()
 MONITOR_METRICS = monitor_metrics()
 _PREFIX = "fragility/"
+#: the note of a (method, attack) without an attacked image (every probe image misclassified)
+NO_ATTACKED_IMAGE = "no probe image attacked (all misclassified)"
+#: keys of a monitor record that are not per-image results of the engine
+_RECORD_KEYS = frozenset({"method", "attack", "eps", "probe_pos", "test_index"})
 
 
 def _int(v: Any, name: str, lo: int) -> int:
@@ -173,7 +184,10 @@ class FragilityReport:
     ``"saliency/topk/spearman"``); ``records`` one dict per attacked image (gathered from every process,
     sorted by method, attack and probe position); ``examples`` maps ``(method, attack)`` to the first
     ``n_images_logged`` attacked images of this process (``x``, ``x_adv``, ``clean_map``, ``adv_map``,
-    ``label``, ``test_index``, ``topk_intersection``; CPU tensors / lists).
+    ``label``, ``test_index``, ``topk_intersection``; CPU tensors / lists); ``cells`` maps ``(method, attack)``
+    to that cell's aggregate over every process (:func:`fragdefense.evaluation.aggregate_rows`: ``n_images``
+    attacked, ``n_skipped``, ``perturbed_rate``, ``zero_gradient_rate``, the metric means or ``None``), its
+    ``seconds`` and ``warnings`` on this process.
     """
 
     metrics: dict[str, float]
@@ -185,11 +199,35 @@ class FragilityReport:
     seconds: float
     protocol: dict[str, Any] = field(default_factory=dict)
     stage: str = "fit"
+    cells: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
         """The metrics as logged: ``{"fragility/<name>": value}`` plus ``fragility/seconds``."""
         out = {_PREFIX + k: v for k, v in self.metrics.items()}
         out[_PREFIX + "seconds"] = self.seconds
+        return out
+
+    def notes(self) -> dict[tuple[str, str], list[str]]:
+        """Per ``(method, attack)``: why its numbers are no evidence of robustness, if they are not (no probe image
+        attacked because all were misclassified, no image perturbed, a zero ascent gradient on some images)."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for key, c in self.cells.items():
+            msgs = []
+            if c.get("n_images") == 0:
+                msgs.append(f"{NO_ATTACKED_IMAGE}; its metrics are NaN")
+            else:
+                if c.get("perturbed_rate") == 0.0:
+                    msgs.append(
+                        "no image perturbed (no label-preserving perturbation found): its similarities compare the "
+                        "clean maps with themselves"
+                    )
+                if (c.get("zero_gradient_rate") or 0.0) > 0.0:
+                    msgs.append(
+                        f"zero ascent gradient on {_pct(c['zero_gradient_rate'])} of the attacked images: the attack "
+                        "could not move their maps (not evidence of robustness)"
+                    )
+            if msgs:
+                out[key] = msgs
         return out
 
 
@@ -204,8 +242,8 @@ class FragilityMonitor(L.Callback):
         attacks: any of ``random_sign``, ``random_walk``, ``topk``, ``mass_center``.
         eps: L-inf (or L2, ``threat``) budget in pixel units of ``[0, 1]`` images; ``"8/255"`` strings accepted.
         steps, step_size, k, beta, check_every, restarts, random_start, criterion, threat, reduce, lens_window:
-            the attack protocol, passed to :func:`~fragdefense.attacks.attack_interpretation` (``step_size``
-            also accepts fraction strings; ``None`` = ``eps / 8``). ``k`` (top-k size of the ``topk`` attack
+            the attack protocol of every cell (:func:`~fragdefense.attacks.attack_interpretation`; ``step_size``
+            also accepts fraction strings; ``None`` = ``2.5 * eps / steps``). ``k`` (top-k size of the ``topk`` attack
             and of the top-k / LENS metrics) is capped at ``H * W``.
         n_probe: use at most this many probe images (``None``: all of ``datamodule.probe_batch()``).
         batch_size: images per attack batch (per process).
@@ -217,8 +255,9 @@ class FragilityMonitor(L.Callback):
         on_validate: also evaluate during ``trainer.validate``.
         maps_png: file name of the maps figure at the end of fit, relative to ``trainer.default_root_dir``
             (or absolute); ``None``: no figure.
-        seed: seed of the random attacks' per-image generators (and of the global RNG inside the evaluation,
-            for stochastic attribution methods such as SmoothGrad).
+        seed: seed of the per-image generators of the random attacks and random starts (with method, attack,
+            eps and test index; :func:`~fragdefense.utils.conventions.image_seed`), and of the global RNG inside
+            the evaluation, for stochastic attribution methods such as SmoothGrad.
         probe: the probe images, instead of the datamodule's: an ``(x, y)`` pair (images in ``[0, 1]``), a dict
             as ``probe_batch()`` returns, a dataset or a ``DataLoader`` / iterable of ``(x, y)`` batches (the
             first ``n_probe`` images). Without it: ``datamodule.probe_batch()`` when the datamodule has one, else
@@ -312,6 +351,7 @@ class FragilityMonitor(L.Callback):
                     )
         self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 0)
         self.eps = parse_eps(eps)
+        self._budget = Budget(eps, "eps")  # as written ("8/255"): part of the per-image seeds, as in fragdefense-eval
         self.step_size = None if step_size is None else parse_eps(step_size)
         self.steps = _int(steps, "steps", 1)
         self.k = _int(k, "k", 1)
@@ -388,9 +428,6 @@ class FragilityMonitor(L.Callback):
                     names.append(f"{m}/{a}/mask_mass_attacked")
         return [_PREFIX + n for n in names] + [_PREFIX + "seconds"]
 
-    def _randomised(self, attack: str) -> bool:
-        return not get_attack(attack).needs_gradient or self.random_start
-
     # --- the evaluation -------------------------------------------------------------------------------
     def evaluate(
         self,
@@ -406,23 +443,24 @@ class FragilityMonitor(L.Callback):
     ) -> FragilityReport:
         """Run every method x attack on this process's shard of ``probe`` and return the synchronised report.
 
+        Each (method, attack) is one cell of the evaluation engine (:func:`fragdefense.evaluation.run_cell`) run on
+        the shard's images as batches of ``(x, y, test indices)``; the per-image records of every process are
+        gathered and the means computed from them (:func:`fragdefense.evaluation.aggregate_rows`, float64), so
+        every process holds the same numbers.
+
         Args:
             model: classifier, images in ``[0, 1]`` -> logits (e.g. ``ClassifierModule.model``).
             probe: ``{"x": (P,C,H,W), "y": (P,), "mask": (P,H,W) or None, "indices": list}`` as
                 ``probe_batch()`` returns, or any source the ``probe`` argument accepts (an ``(x, y)`` pair, a
                 ``DataLoader``, ...); the first ``n_probe`` images are used.
             rank, world_size: this process's shard is positions ``rank::world_size``. With
-                ``world_size > 1`` every process must call this (the metrics synchronise at ``compute``).
+                ``world_size > 1`` every process must call this (the records are gathered).
             epoch, global_step, stage: recorded in the report.
             keep_examples: keep example images (rank 0).
 
         The model's and its submodules' train/eval flags, the RNG states and parameter gradients are left
         as they were.
         """
-        from torchmetrics.aggregation import MeanMetric
-
-        from fragdefense.metrics import MaskMass
-
         t0 = time.perf_counter()
         if isinstance(probe, Mapping) and "indices" in probe:
             check_images(probe["x"], "FragilityMonitor")
@@ -434,148 +472,105 @@ class FragilityMonitor(L.Callback):
         n_total = n_all if self.n_probe is None else min(self.n_probe, n_all)
         positions = list(range(rank, n_total, world_size))
         indices = list(probe["indices"])
+        test_index = [int(indices[i]) for i in positions]
+        # per-image seeds come from the image ids: the test indices (the same seeds as fragdefense-eval), unless
+        # a probe repeats one (then the probe positions, so that every image keeps its own seed and record)
+        unique = len(set(indices[:n_total])) == n_total
+        ids = test_index if unique else positions
+        pos_of = dict(zip(ids, positions))
+        x_all = probe["x"][positions]
+        h, w = (int(x_all.shape[-2]), int(x_all.shape[-1])) if x_all.ndim == 4 else (1, 1)
+        k = min(self.k, h * w)
+        mask = probe.get("mask")
+        mask = mask[positions].clone() if mask is not None else None
+        mask_of = {i: mask[j] for j, i in enumerate(ids)} if mask is not None else {}
+        n_keep = self.n_images_logged if keep_examples else 0
+        protocol = {**self._attack_kwargs(), "k": k}
+        eps = protocol.pop("eps")
+        budget = self._budget if float(self._budget) == eps else Budget(eps)
         with torch.inference_mode(False), preserve_training_state(model, device), torch.enable_grad():
             model.eval()
-            x = probe["x"][positions].to(device=device, dtype=torch.float32).clone()
+            x = x_all.to(device=device, dtype=torch.float32).clone()
             y = probe["y"][positions].to(device=device, dtype=torch.long).clone()
-            mask = probe.get("mask")
-            mask = mask[positions].to(device).clone() if mask is not None else None
-            test_index = [int(indices[i]) for i in positions]
-            h, w = (int(x.shape[-2]), int(x.shape[-1])) if x.ndim == 4 else (1, 1)
-            k = min(self.k, h * w)
-
-            metric_opts = {"k": k, "window": self.lens_window}
-            metric_names = list_metrics(report=True, opts=metric_opts)
-            ms: dict[str, Any] = {"probe_acc": MeanMetric()}
-            for m in self.methods:
-                if mask is not None:
-                    ms[f"{m}/mask_mass_clean"] = MaskMass()
-                for a in self.attacks:
-                    pre = f"{m}/{a}/"
-                    for name in metric_names:  # the registry's class, else a mean of the per-image values
-                        spec = get_metric(name)
-                        ms[pre + name] = spec.make_class(metric_opts) if spec.cls else MeanMetric()
-                    ms[pre + "label_kept_rate"] = MeanMetric()
-                    ms[pre + "perturbed_rate"] = MeanMetric()
-                    if mask is not None:
-                        ms[pre + "mask_mass_attacked"] = MaskMass()
-            for metric in ms.values():
-                metric.to(device)
-
+            bs = self.batch_size
+            batches = [(x[s : s + bs], y[s : s + bs], ids[s : s + bs]) for s in range(0, len(positions), bs)]
+            # stochastic methods (SmoothGrad) draw from the global RNG: seed it (restored on exit)
+            torch.random.default_generator.manual_seed(self.seed)
+            if device.type == "cuda":
+                torch.cuda.manual_seed(self.seed)
+            acc = clean_accuracy(model, batches, device)
             records: list[dict[str, Any]] = []
             examples: dict[tuple[str, str], dict[str, Any]] = {}
-            n_local = len(positions)
-            if n_local:
-                # stochastic methods (SmoothGrad) draw from the global RNG: seed it (restored on exit)
-                torch.random.default_generator.manual_seed(self.seed)
-                if device.type == "cuda":
-                    torch.cuda.manual_seed(self.seed)
-                with torch.no_grad():
-                    pred = torch.cat(
-                        [model(x[s : s + self.batch_size]).argmax(1) for s in range(0, n_local, self.batch_size)]
-                    )
-                ms["probe_acc"].update((pred == y).float())
-            attack_kwargs = self._attack_kwargs()
-            for mi, (method, mopts) in enumerate(self.methods.items()):
-                for ai, attack in enumerate(self.attacks):
-                    if self._randomised(attack):
-                        chunks = [[j] for j in range(n_local)]
-                    else:
-                        chunks = [
-                            list(range(s, min(s + self.batch_size, n_local)))
-                            for s in range(0, n_local, self.batch_size)
-                        ]
-                    for ch in chunks:
-                        gen = None
-                        if self._randomised(attack):
-                            key = f"{self.seed}:{method}:{attack}:{test_index[ch[0]]}"
-                            gen = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
-                        res = attack_interpretation(
-                            model,
-                            x[ch],
-                            y[ch],
-                            attack=attack,
-                            method=method,
-                            method_opts=mopts,
-                            k=k,
-                            generator=gen,
-                            **attack_kwargs,
-                        )
-                        if res.n_attacked == 0:
-                            continue
-                        sel = [ch[i] for i in res.index.tolist()]
-                        clean, adv = res.clean_map, res.adv_map
-                        pre = f"{method}/{attack}/"
-                        for name in metric_names:
-                            spec = get_metric(name)
-                            if spec.cls:
-                                spec.update_class(ms[pre + name], adv, clean)
-                            else:
-                                ms[pre + name].update(res.metrics[name].float())
-                        ms[pre + "label_kept_rate"].update(res.label_kept.float())
-                        ms[pre + "perturbed_rate"].update(res.perturbed.float())
-                        per_image = {k_: v.detach().double().cpu() for k_, v in res.metrics.items()}
-                        if mask is not None:
-                            mk = mask[sel]
-                            ms[pre + "mask_mass_attacked"].update(adv.abs(), mk)
-                            per_image["mask_mass_attacked"] = MF.mask_mass(adv.abs(), mk).double().cpu()
-                            per_image["mask_mass_clean"] = MF.mask_mass(clean.abs(), mk).double().cpu()
-                            if ai == 0:
-                                ms[f"{method}/mask_mass_clean"].update(clean.abs(), mk)
-                        for j, loc in enumerate(sel):
-                            row = {
-                                "method": method,
-                                "attack": attack,
-                                "eps": self.eps,
-                                "probe_pos": positions[loc],
-                                "test_index": test_index[loc],
-                                "label": int(res.label[j]),
-                                "label_kept": bool(res.label_kept[j]),
-                                "perturbed": bool(res.perturbed[j]),
-                                "best_iter": int(res.best_iter[j]),
-                                "_order": (mi, ai),
-                            }
-                            row.update({k_: float(v[j]) for k_, v in per_image.items()})
-                            records.append(row)
-                        if keep_examples and self.n_images_logged:
-                            ex = examples.setdefault(
-                                (method, attack),
-                                {
-                                    "x": [],
-                                    "x_adv": [],
-                                    "clean_map": [],
-                                    "adv_map": [],
-                                    "label": [],
-                                    "test_index": [],
-                                    "topk_intersection": [],
-                                },
-                            )
-                            for j, loc in enumerate(sel):
-                                if len(ex["x"]) >= self.n_images_logged:
-                                    break
-                                ex["x"].append(x[loc].detach().cpu())
-                                ex["x_adv"].append(res.x_adv[res.index[j]].detach().cpu())
-                                ex["clean_map"].append(clean[j].detach().cpu())
-                                ex["adv_map"].append(adv[j].detach().cpu())
-                                ex["label"].append(int(res.label[j]))
-                                ex["test_index"].append(test_index[loc])
-                                ex["topk_intersection"].append(float(per_image["topk_intersection"][j]))
+            cells: dict[tuple[str, str], dict[str, Any]] = {}
+            mm_adv: dict[int, float] = {}
+            mm_clean: dict[int, float] = {}
 
-            values: dict[str, float] = {}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "compute called before update" on a process with no images
-                for name, metric in ms.items():  # same order on every process: compute() synchronises
-                    try:
-                        values[name] = float(metric.compute())
-                    except RuntimeError:  # no sample on any process (e.g. every probe image misclassified)
-                        values[name] = float("nan")
-        records = _gather(records, world_size)
+            def mask_mass(res: Any, _x: Tensor, ids_b: list[int]) -> None:
+                """The share of each attacked image's clean and attacked map on its object mask."""
+                if not res.n_attacked:
+                    return
+                done = [ids_b[i] for i in res.index.tolist()]
+                mk = torch.stack([mask_of[i] for i in done]).to(res.adv_map.device)
+                mm_adv.update(zip(done, MF.mask_mass(res.adv_map.abs(), mk).double().tolist()))
+                mm_clean.update(zip(done, MF.mask_mass(res.clean_map.abs(), mk).double().tolist()))
+
+            for mi, (method, mopts) in enumerate(self.methods.items()):
+                spec = ExplainerSpec(method, method, dict(mopts))
+                for ai, attack in enumerate(self.attacks):
+                    mm_adv.clear()
+                    mm_clean.clear()
+                    res = run_cell(
+                        model,
+                        batches,
+                        Cell(method, attack, budget),
+                        spec,
+                        protocol=protocol,
+                        seed=self.seed,
+                        device=device,
+                        n_examples=n_keep,
+                        require_correct=True,
+                        on_batch=mask_mass if mask is not None else None,
+                    )
+                    ex = res.examples
+                    records_cell = []
+                    for r in res.rows:
+                        image = r.pop("image")
+                        pos = pos_of[image]
+                        row = {
+                            "method": method,
+                            "attack": attack,
+                            "eps": eps,
+                            "probe_pos": pos,
+                            "test_index": int(indices[pos]),
+                            **r,
+                        }
+                        if mask is not None:
+                            row["mask_mass_attacked"] = mm_adv[image]
+                            row["mask_mass_clean"] = mm_clean[image]
+                        row["_order"] = (mi, ai)
+                        records_cell.append(row)
+                    records += records_cell
+                    n_ex = min(n_keep, len(records_cell))
+                    if n_ex:  # the first attacked images of this process
+                        examples[(method, attack)] = {
+                            "x": ex["x"][:n_ex],
+                            "x_adv": ex["x_adv"][:n_ex],
+                            "clean_map": ex["clean_map"][:n_ex],
+                            "adv_map": ex["adv_map"][:n_ex],
+                            "label": [int(v) for v in ex["label"][:n_ex]],
+                            "test_index": [r["test_index"] for r in records_cell[:n_ex]],
+                            "topk_intersection": [float(r["topk_intersection"]) for r in records_cell[:n_ex]],
+                        }
+                    cells[(method, attack)] = {"seconds": res.seconds, "warnings": list(res.warnings)}
+        parts = _gather([{"records": records, "n": acc["n"], "correct": acc["correct"]}], world_size)
+        records = [r for part in parts for r in part["records"]]
         records.sort(key=lambda r: (r["_order"], r["probe_pos"]))
         for r in records:
             del r["_order"]
-        for ex in examples.values():
-            for key in ("x", "x_adv", "clean_map", "adv_map"):
-                ex[key] = torch.stack(ex[key]) if ex[key] else torch.empty(0)
+        n_seen, n_correct = sum(part["n"] for part in parts), sum(part["correct"] for part in parts)
+        values, cell_aggs = self._means(records, n_seen, n_correct, with_mask=mask is not None)
+        for key, agg in cell_aggs.items():
+            cells.setdefault(key, {"seconds": 0.0, "warnings": []}).update(agg)
         return FragilityReport(
             metrics=values,
             records=records,
@@ -586,7 +581,35 @@ class FragilityMonitor(L.Callback):
             seconds=time.perf_counter() - t0,
             protocol=self.protocol,
             stage=stage,
+            cells=cells,
         )
+
+    def _means(
+        self, records: list[dict[str, Any]], n_seen: int, n_correct: int, with_mask: bool
+    ) -> tuple[dict[str, float], dict[tuple[str, str], dict[str, Any]]]:
+        """The logged means (NaN where a cell attacked no image) and each cell's aggregate, from the gathered
+        records: identical on every process (float64, :func:`math.fsum`: independent of the records' order)."""
+        nan = float("nan")
+        values: dict[str, float] = {"probe_acc": (n_correct / n_seen) if n_seen else nan}
+        aggs: dict[tuple[str, str], dict[str, Any]] = {}
+        names = list(monitor_metrics(self.k, self.lens_window))
+        for m in self.methods:
+            for a in self.attacks:
+                rows = [
+                    {k_: v for k_, v in r.items() if k_ not in _RECORD_KEYS}
+                    for r in records
+                    if r["method"] == m and r["attack"] == a
+                ]
+                aggs[(m, a)] = aggregate_rows(rows, n_seen - len(rows))
+            if with_mask:
+                v = aggs[(m, self.attacks[0])].get("mask_mass_clean")  # the images the first attack attacked
+                values[f"{m}/mask_mass_clean"] = nan if v is None else float(v)
+            for a in self.attacks:
+                agg = aggs[(m, a)]
+                for name in [*names, *(["mask_mass_attacked"] if with_mask else [])]:
+                    v = agg.get(name)
+                    values[f"{m}/{a}/{name}"] = nan if v is None else float(v)
+        return values, aggs
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -665,14 +688,17 @@ class FragilityMonitor(L.Callback):
                 stage=stage,
             )
         self.last = rep
+        if trainer.is_global_zero:
+            for (m, at), msgs in rep.notes().items():
+                warnings.warn(f"FragilityMonitor, {m} / {at}: {'; '.join(msgs)}", RuntimeWarning, stacklevel=2)
         return rep
 
     def _run_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str = "fit") -> None:
         epoch = int(trainer.current_epoch)
         rep = self._run(trainer, pl_module, epoch=epoch, stage=stage)
         self._evaluated_epoch = epoch if stage == "fit" else self._evaluated_epoch
-        # Values are already identical on every process (synchronised by torchmetrics); "max" over identical
-        # values keeps them exact and satisfies Lightning's epoch-level sync.
+        # The means are already identical on every process (computed from the gathered records); "max" over
+        # identical values keeps them exact, satisfies Lightning's epoch-level sync and logs the slowest seconds.
         pl_module.log_dict(rep.scalars(), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
         n = self.log_images_every_n_epochs
         if trainer.is_global_zero and n and (epoch + 1) % n == 0:
@@ -681,7 +707,7 @@ class FragilityMonitor(L.Callback):
     def _write_png(self, trainer: L.Trainer, rep: FragilityReport) -> Path | None:
         if not self.maps_png or not rep.examples:
             return None
-        from fragdefense.viz import plot_examples
+        from fragdefense.evaluation.figures import plot_examples
 
         method = next(iter(self.methods))
         attack = next((a for a in self.attacks if get_attack(a).needs_gradient), self.attacks[0])
@@ -738,6 +764,7 @@ class FragilityMonitor(L.Callback):
             "label_kept",
             "perturbed",
             "best_iter",
+            "zero_gradient",
             "topk_intersection",
             "spearman",
             "kendall",
@@ -760,8 +787,11 @@ class FragilityMonitor(L.Callback):
         dict; ``None`` if there is none.
 
         ``{"epoch", "n_probe", "eps", "eps_255", "protocol", "probe_acc", "seconds", "maps_png",
-        "methods": {method: {"mask_mass_clean"?, "attacks": {attack: {metric: value, "acc_attacked"}}}}}``;
-        ``acc_attacked`` = share of probe images still correctly classified after the attack.
+        "methods": {method: {"mask_mass_clean"?, "attacks": {attack: {metric: value, "acc_attacked", "n_attacked",
+        "zero_gradient_rate", "notes", "text"}}}}}``; ``acc_attacked`` = share of probe images still correctly
+        classified after the attack; ``notes``: what makes the cell's numbers no evidence of robustness (no probe
+        image attacked, no image perturbed, a zero ascent gradient); ``text``: the cell as one line for a
+        console. A cell without an attacked image has no metric values here (they are logged as NaN).
         """
         rep = self.final
         if rep is None and self.last is not None and self.last.stage == "fit":
@@ -769,16 +799,28 @@ class FragilityMonitor(L.Callback):
         if rep is None:
             return None
         acc = rep.metrics.get("probe_acc", float("nan"))
+        notes = rep.notes()
         methods: dict[str, Any] = {}
         for m in self.methods:
             entry: dict[str, Any] = {}
-            if f"{m}/mask_mass_clean" in rep.metrics:
-                entry["mask_mass_clean"] = rep.metrics[f"{m}/mask_mass_clean"]
+            mm = rep.metrics.get(f"{m}/mask_mass_clean")
+            if mm is not None and math.isfinite(mm):
+                entry["mask_mass_clean"] = mm
             atk: dict[str, Any] = {}
             for a in self.attacks:
                 pre = f"{m}/{a}/"
-                vals = {k[len(pre) :]: v for k, v in rep.metrics.items() if k.startswith(pre)}
-                vals["acc_attacked"] = acc * vals.get("label_kept_rate", float("nan"))
+                cell = rep.cells.get((m, a), {})
+                n_att = cell.get("n_images")
+                vals: dict[str, Any] = {}
+                if n_att != 0:
+                    vals = {k[len(pre) :]: v for k, v in rep.metrics.items() if k.startswith(pre)}
+                kept = vals.get("label_kept_rate", float("nan"))
+                # no attacked image: no correctly classified one, so nothing is classified correctly after the attack
+                vals["acc_attacked"] = acc * kept if n_att != 0 else acc
+                vals["n_attacked"] = n_att
+                vals["zero_gradient_rate"] = cell.get("zero_gradient_rate")
+                vals["notes"] = notes.get((m, a), [])
+                vals["text"] = _cell_text(vals, acc, self.k)
                 atk[a] = vals
             entry["attacks"] = atk
             methods[m] = entry
@@ -794,6 +836,38 @@ class FragilityMonitor(L.Callback):
             "seconds": rep.seconds,
             "maps_png": str(self.png_path) if self.png_path is not None else None,
         }
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _cell_text(v: Mapping[str, Any], acc: float, k: int) -> str:
+    """One cell of :meth:`FragilityMonitor.summary` as a console line: accuracy clean -> attacked, and the top-k
+    intersection and Spearman of clean vs attacked maps only where they measure something.
+
+    >>> _cell_text({"n_attacked": 0, "acc_attacked": 0.0}, 0.0, 100)
+    'acc 0.00%: no probe image attacked (all misclassified)'
+    >>> _cell_text({"n_attacked": 3, "acc_attacked": 1.0, "perturbed_rate": 0.0, "topk_intersection": 1.0}, 1.0, 9)
+    'acc 100.00% -> 100.00%: no image perturbed (no label-preserving perturbation found), similarities not measured'
+    """
+    head = f"acc {_pct(acc)}"
+    if v.get("n_attacked") == 0:
+        return f"{head}: {NO_ATTACKED_IMAGE}"
+    head += f" -> {_pct(v.get('acc_attacked'))}"
+    pr, zg = v.get("perturbed_rate"), v.get("zero_gradient_rate") or 0.0
+    if zg >= 1.0:
+        return f"{head}: zero ascent gradient on every image (the maps could not move), similarities not measured"
+    if pr == 0.0:
+        return f"{head}: no image perturbed (no label-preserving perturbation found), similarities not measured"
+    topk, rho = v.get("topk_intersection", float("nan")), v.get("spearman", float("nan"))
+    out = f"{head}, top-{k} {topk:.3f}, Spearman {rho:.3f}"
+    extra = []
+    if pr is not None and pr < 1.0:
+        extra.append(f"{_pct(1.0 - pr)} of the images not perturbed")
+    if zg > 0.0:
+        extra.append(f"zero ascent gradient on {_pct(zg)} of the images")
+    return out + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
