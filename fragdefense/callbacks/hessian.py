@@ -26,13 +26,11 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fragdefense.callbacks._probe import ImageSource, NetworkSpec, check_network_spec, find_probe, resolve_network
 from fragdefense.callbacks.fragility import preserve_training_state
-from fragdefense.hessian import hutchpp, input_top_eigen, lanczos, param_hessian
-from fragdefense.hessian.probes import surrogate
+from fragdefense.hessian.summary import hessian_snapshot
 
 __all__ = ["HessianMonitor", "hessian_snapshot"]
 
@@ -43,55 +41,6 @@ def _int(v: Any, name: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"`{name}` must be an int >= {lo}, got {v!r}")
     return v
-
-
-def hessian_snapshot(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    n_param_samples: int = 64,
-    top_k: int = 1,
-    lanczos_iters: int = 30,
-    trace_matvecs: int = 30,
-    n_input: int = 32,
-    input_iters: int = 30,
-    beta: float = 10.0,
-    tol: float = 1e-3,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Curvature summary of ``model`` on ``(x, y)`` (keys without the ``hessian/`` prefix); ``n_param_samples=0``
-    or ``n_input=0`` skips that part.
-
-    Example:
-        >>> from fragdefense.models import create_model
-        >>> _ = torch.manual_seed(0)
-        >>> net = create_model("small_cnn", num_classes=10, width=4).eval()
-        >>> out = hessian_snapshot(net, torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,)), trace_matvecs=6)
-        >>> sorted(out)
-        ['input_lambda_max_mean', 'input_lambda_max_median', 'param_top_eig', 'param_trace', 'param_trace_stderr']
-    """
-    out: dict[str, float] = {}
-    if n_param_samples:
-        xs, ys = x[:n_param_samples], y[:n_param_samples]
-        op = param_hessian(model, F.cross_entropy, (xs, ys))
-        r = lanczos(op, top_k, max_iter=lanczos_iters, tol=tol, generator=seed, return_vectors=False)
-        out["param_top_eig"] = float(r.eigenvalues[0, 0])
-        for i in range(1, r.eigenvalues.shape[1]):
-            out[f"param_eig_{i + 1}"] = float(r.eigenvalues[0, i])
-        if trace_matvecs:
-            t = hutchpp(op, max(3, trace_matvecs), generator=seed)
-            out["param_trace"] = float(t.estimate[0])
-            out["param_trace_stderr"] = float(t.std_error[0])
-    if n_input:
-        xi = x[:n_input]
-        with torch.no_grad():
-            pred = model(xi).argmax(1)
-        r = input_top_eigen(surrogate(model, beta), xi, pred, max_iter=input_iters, tol=tol, generator=seed)
-        lam = r.eigenvalues[:, 0].abs().double()
-        out["input_lambda_max_mean"] = float(lam.mean())
-        out["input_lambda_max_median"] = float(lam.median())
-    return out
 
 
 class HessianMonitor(L.Callback):

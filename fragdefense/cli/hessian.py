@@ -42,15 +42,14 @@ from fragdefense.cli._config import config_dir
 from fragdefense.cli._wandb import log_artifact_file, log_figure, log_markdown_table, log_scalars, wandb_run
 from fragdefense.hessian import (
     eigenvalues_vs_beta,
-    fragility_vs_curvature,
     hutchpp,
-    input_top_eigen,
     lanczos,
     map_change_along_directions,
     param_hessian,
     slq,
 )
-from fragdefense.hessian.probes import DirectionProbe, spearman_1d, surrogate
+from fragdefense.hessian.probes import DirectionProbe, spearman_1d
+from fragdefense.hessian.summary import fragility_summary, hessian_snapshot
 from fragdefense.models import create_model, load_checkpoint_model
 from fragdefense.utils.checks import parse_eps
 from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
@@ -219,73 +218,42 @@ def _fragility(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Di
         "check_every": int(fc.check_every),
         "beta": float(fc.attack_beta) if fc.get("attack_beta") else float(cfg.beta),
     }
-    parts = [
-        fragility_vs_curvature(
-            model,
-            xb,
-            yb,
-            beta=float(cfg.beta),
-            objective=str(fc.objective),
-            attack=attack,
-            max_iter=int(fc.max_iter),
-            tol=float(fc.tol),
-            generator=seed,
-        )
-        for xb, yb in zip(x.split(bs), y.split(bs))
-    ]
-    out: dict[str, Any] = {"beta": float(cfg.beta), "objective": str(fc.objective), "protocol": parts[0]["protocol"]}
-    offs = 0
-    idx: list[int] = []
-    for p, xb in zip(parts, x.split(bs)):
-        idx += [offs + i for i in p["image_index"]]
-        offs += xb.shape[0]
-    out["image_position"] = idx
-    for key in ("lambda_max", "grad_norm", "topk_intersection", "map_spearman"):
-        out[key] = [v for p in parts for v in p[key]]
-    lam = torch.tensor(out["lambda_max"], dtype=torch.float64).abs()
-    inter = torch.tensor(out["topk_intersection"], dtype=torch.float64)
-    gn = torch.tensor(out["grad_norm"], dtype=torch.float64)
-    sp = torch.tensor(out["map_spearman"], dtype=torch.float64)
-    out["n_attacked"] = sum(p["n_attacked"] for p in parts)
-    out["n_skipped"] = sum(p["n_skipped"] for p in parts)
-    out["label_kept_rate"] = float(
-        sum(p["label_kept_rate"] * p["n_attacked"] for p in parts if p["n_attacked"]) / max(1, out["n_attacked"])
+    return fragility_summary(
+        model,
+        x,
+        y,
+        beta=float(cfg.beta),
+        objective=str(fc.objective),
+        attack=attack,
+        max_iter=int(fc.max_iter),
+        tol=float(fc.tol),
+        batch_size=bs,
+        seed=seed,
     )
-    out["mean_abs_lambda_max"] = float(lam.mean()) if lam.numel() else math.nan
-    out["mean_topk_intersection"] = float(inter.mean()) if inter.numel() else math.nan
-    out["spearman_abs_lambda_vs_topk"] = spearman_1d(lam, inter)
-    out["spearman_rel_lambda_vs_topk"] = spearman_1d(lam / gn.clamp_min(1e-30), inter)
-    out["spearman_abs_lambda_vs_map_spearman"] = spearman_1d(lam, sp)
-    return out
 
 
 def _checkpoint_summary(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DictConfig, bs: int, seed: int
 ) -> dict[str, Any]:
     pc = cfg.param
-    n = int(pc.n_samples)
-    op = param_hessian(model, F.cross_entropy, (x[:n], y[:n]))
-    eig = lanczos(op, 1, max_iter=int(pc.lanczos_iters), tol=float(pc.tol), generator=seed, return_vectors=False)
-    tr = hutchpp(op, int(pc.trace_matvecs), generator=seed)
     with torch.no_grad():
         acc = float(torch.cat([model(xb).argmax(1) for xb in x.split(bs)]).eq(y).float().mean())
-    out: dict[str, Any] = {
-        "param_top_eig": float(eig.eigenvalues[0, 0]),
-        "param_trace": float(tr.estimate[0]),
-        "accuracy": acc,
-    }
-    soft = surrogate(model, float(cfg.beta))
-    lams = []
-    for xb in x.split(bs):
-        with torch.no_grad():
-            pred = model(xb).argmax(1)
-        r = input_top_eigen(
-            soft, xb, pred, max_iter=int(cfg.directions.max_iter), tol=float(cfg.directions.tol), generator=seed
-        )
-        lams.append(r.eigenvalues[:, 0].abs().double())
-    lam = torch.cat(lams)
-    out["input_lambda_max_mean"] = float(lam.mean())
-    out["input_lambda_max_median"] = float(lam.median())
+    out: dict[str, Any] = hessian_snapshot(
+        model,
+        x,
+        y,
+        n_param_samples=int(pc.n_samples),
+        lanczos_iters=int(pc.lanczos_iters),
+        trace_matvecs=int(pc.trace_matvecs),
+        n_input=int(x.shape[0]),
+        input_iters=int(cfg.directions.max_iter),
+        beta=float(cfg.beta),
+        tol=float(pc.tol),
+        seed=seed,
+        batch_size=bs,
+        input_tol=float(cfg.directions.tol),
+    )
+    out["accuracy"] = acc
     if cfg.compare.fragility:
         fr = _fragility(model, x, y, cfg, bs, seed)
         out["mean_topk_intersection"] = fr["mean_topk_intersection"]
