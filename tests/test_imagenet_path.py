@@ -346,9 +346,8 @@ def test_eval_cli_224(name, trained, tmp_path, record_property):
     rows = res["per_image"][0]["images"]
     assert len(rows) == rec["n_images"] and all(r["linf_distance"] <= 8 / 255 + 1e-6 for r in rows)
     assert (out / "results.md").is_file() and (out / "metrics_vs_eps.png").is_file()
-    # (the example figure shows the first batch's attacked images: none there, no figure)
-    first_batch_attacked = any(r["image"] in res["image_indices"][:2] for r in rows)
-    assert (out / "examples_saliency_topk.png").is_file() == first_batch_attacked
+    # the example figure shows the first attacked images, whichever batch they are in
+    assert (out / "examples_saliency_topk.png").is_file() == bool(rows)
     assert proc.peak_rss_mb < PEAK_RSS_MB[name], f"{name} eval: {proc.peak_rss_mb:.0f} MB"
 
 
