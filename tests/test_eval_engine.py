@@ -258,7 +258,7 @@ def test_defense_comparison_one_command(ckpt, tmp_path, monkeypatch):
     payload = evaluate(cfg)
     names = [r["name"] for r in payload["defenses"]]
     assert len(names) == 2 and names[1] == "defense_b"
-    assert payload["attack"] == "topk"
+    assert payload["attack"] == "topk" and [r["method"] for r in payload["defenses"]] == ["saliency", "saliency"]
     r0, r1 = payload["defenses"]
     assert r0["clean_accuracy"] == r1["clean_accuracy"] and r0["robustness"] == r1["robustness"]  # same model
     assert (out / "comparison.md").read_text().count("|") > 10 and (out / "comparison.png").is_file()

@@ -470,27 +470,28 @@ def _write_comparison(
     for name, ck in zip(names, checkpoints):
         p = results[name]
         sel = [r for r in p["records"] if r["attack"] == attack and abs(r["epsilon"] - top) < 1e-12]
-        r0 = sel[0] if sel else {}
-        rows.append(
-            {
-                "name": name,
-                "checkpoint": str(ck),
-                "clean_accuracy": p["clean_accuracy"],
-                "method": r0.get("method"),
-                "attack": attack,
-                "epsilon": top,
-                "n_attacked": r0.get("n_images", 0),
-                "robustness": {
-                    k: r0.get(k) for k in ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
-                },
-                "label_kept_rate": r0.get("label_kept_rate"),
-                "zero_gradient_rate": r0.get("zero_gradient_rate"),
-            }
-        )
+        for r0 in sel:  # one row per explainer
+            rows.append(
+                {
+                    "name": name,
+                    "checkpoint": str(ck),
+                    "clean_accuracy": p["clean_accuracy"],
+                    "method": r0.get("method"),
+                    "attack": attack,
+                    "epsilon": top,
+                    "n_attacked": r0.get("n_images", 0),
+                    "robustness": {
+                        k: r0.get(k)
+                        for k in ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
+                    },
+                    "label_kept_rate": r0.get("label_kept_rate"),
+                    "zero_gradient_rate": r0.get("zero_gradient_rate"),
+                }
+            )
     payload = {"mode": "defenses", "attack": attack, "epsilon": top, "protocol": proto, "defenses": rows}
     md = (
-        f"Defense comparison: {attack} at eps={top * 255:.3g}/255, the first explainer; same images and protocol for "
-        "every checkpoint.\n\n" + comparison_table(rows) + "\n" + protocol_block(proto)
+        f"Defense comparison: {attack} at eps={top * 255:.3g}/255, one row per defense and explainer; the same images "
+        "and protocol for every checkpoint.\n\n" + comparison_table(rows) + "\n" + protocol_block(proto)
     )
     atomic_write_json(out_dir / "comparison.json", payload)
     atomic_write_text(out_dir / "comparison.md", md)

@@ -119,7 +119,8 @@ def plot_defense_comparison(
             missing.append(r["name"])
             continue
         ax.scatter([100 * acc], [v], s=40)
-        ax.annotate(r["name"], (100 * acc, v), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        label = r["name"] if not r.get("method") else f"{r['name']} ({r['method']})"
+        ax.annotate(label, (100 * acc, v), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"{metric_label(metric)} under attack")
     title = "accuracy vs explanation robustness"

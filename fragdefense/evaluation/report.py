@@ -99,21 +99,21 @@ def comparison_table(
     rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("topk_intersection", "spearman")
 ) -> str:
     """The defense comparison: one row per checkpoint with its clean accuracy and, for each listed metric, the
-    value under the comparison's attack at the largest eps.
+    value under the comparison's attack at the largest eps (one row per defense and explainer).
 
     >>> print(comparison_table([{"name": "a", "clean_accuracy": 0.9, "robustness": {"topk_intersection": 0.5},
     ...                          "n_attacked": 10}]).splitlines()[2])
-    | a | 90.0 | 10 | 0.500 | - |
+    | a | - | 90.0 | 10 | 0.500 | - |
     """
-    head = "| defense (checkpoint) | clean acc (%) | attacked | " + " | ".join(metric_label(m) for m in metrics) + " |"
-    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    head = "| defense (checkpoint) | explainer | clean acc (%) | attacked | "
+    head += " | ".join(metric_label(m) for m in metrics) + " |"
+    lines = [head, "|" + "---|" * (4 + len(metrics))]
     for r in rows:
         acc = r.get("clean_accuracy")
         rob = r.get("robustness", {})
         lines.append(
-            f"| {r['name']} | {fmt(None if acc is None else 100 * acc, 1)} | {r.get('n_attacked', 0)} | "
-            + " | ".join(fmt(rob.get(m)) for m in metrics)
-            + " |"
+            f"| {r['name']} | {r.get('method') or '-'} | {fmt(None if acc is None else 100 * acc, 1)} | "
+            f"{r.get('n_attacked', 0)} | " + " | ".join(fmt(rob.get(m)) for m in metrics) + " |"
         )
     return "\n".join(lines) + "\n"
 
