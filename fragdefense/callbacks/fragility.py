@@ -491,7 +491,7 @@ class FragilityMonitor(L.Callback):
         with torch.inference_mode(False), preserve_training_state(model, device), torch.enable_grad():
             model.eval()
             x = x_all.to(device=device, dtype=torch.float32).clone()
-            y = probe["y"][positions].to(device=device, dtype=torch.long).clone()
+            y = torch.as_tensor(probe["y"])[positions].to(device="cpu", dtype=torch.long)  # run_cell moves each batch
             bs = self.batch_size
             batches = [(x[s : s + bs], y[s : s + bs], ids[s : s + bs]) for s in range(0, len(positions), bs)]
             # stochastic methods (SmoothGrad) draw from the global RNG: seed it (restored on exit)
