@@ -6,8 +6,6 @@ that names the argument and the expected form (shape, dtype, range) instead of b
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 from typing import Any
 
 import torch
@@ -103,24 +101,12 @@ def check_nonneg_float(v: float, name: str) -> float:
 
 
 def parse_eps(v: Any) -> float:
-    """A budget / step size in pixel units of ``[0, 1]`` images: a number, or a string ``"8/255"``, ``"0.03"``.
+    """A budget / step size in pixel units of ``[0, 1]`` images: a number, or a string ``"8/255"``, ``"0.03"``
+    (:func:`fragdefense.utils.conventions.parse_budget`, the one parser of budgets).
 
     >>> parse_eps("8/255") == 8 / 255, parse_eps(0.5), parse_eps("1/2")
     (True, 0.5, 0.5)
     """
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        f = float(v)
-    elif isinstance(v, str):
-        try:
-            if "/" in v:
-                num, den = v.split("/", 1)
-                f = float(num) / float(den)
-            else:
-                f = float(Fraction(v.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"cannot read {v!r} as a number or a fraction like '8/255'") from None
-    else:
-        raise TypeError(f"expected a number or a fraction string like '8/255', got {v!r}")
-    if not (math.isfinite(f) and f >= 0.0):
-        raise ValueError(f"epsilon / step size must be a finite number >= 0, got {v!r}")
-    return f
+    from fragdefense.utils.conventions import parse_budget
+
+    return parse_budget(v, "eps")
