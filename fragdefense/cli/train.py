@@ -294,6 +294,9 @@ def _fragility_rows(t: Any, f: dict[str, Any], pct: Any) -> None:
     )
     for method, entry in f["methods"].items():
         for attack, v in entry["attacks"].items():
+            if v.get("text"):  # the monitor's own line: says so when nothing was attacked / perturbed
+                t.add_row(escape(f"  {method} / {attack}"), escape(str(v["text"])))
+                continue
             topk, rho = v.get("topk_intersection", float("nan")), v.get("spearman", float("nan"))
             t.add_row(
                 escape(f"  {method} / {attack}"),

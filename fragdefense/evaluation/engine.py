@@ -214,7 +214,7 @@ def clean_accuracy(model: nn.Module, data: Iterable[Any], device: torch.device |
         for x, y, _ in iter_batches(data):
             logits = model(x.to(dev))
             k = int(logits.shape[1])
-            correct += int((logits.argmax(1).cpu() == y).sum())
+            correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
             n += int(x.shape[0])
     return {"n": n, "correct": correct, "accuracy": (correct / n) if n else None, "num_classes": k}
 
