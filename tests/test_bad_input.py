@@ -186,3 +186,44 @@ def test_readme_troubleshooting_table_lists_every_row():
     section = readme.split("## Troubleshooting", 1)[1]
     for row, *_ in ROWS:
         assert f"| {row} |" in section, f"README Troubleshooting lacks the row {row!r}"
+
+
+# --- argument checks of the shared conventions (reliability, second round) -------------------------------------
+def test_pgd_labels_empty_batch_weight_and_normalize_are_checked():
+    import torch
+    from torch import nn
+
+    from fragdefense.attacks import pgd_attack
+    from fragdefense.attributions import to_map
+    from fragdefense.regularizers import InputGradient
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(2, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"`y` must hold class labels in \[0, 2\], got \[0, 3\]"):
+        pgd_attack(net, x, torch.tensor([0, 3]), steps=1)
+    with pytest.raises(TypeError, match="integer class labels"):
+        pgd_attack(net, x, torch.tensor([0.5, 1.0]), steps=1)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        pgd_attack(net, x[:0], torch.zeros(0, dtype=torch.long), steps=1)
+    with pytest.raises(ValueError, match=r"`weight` must be a number >= 0 \(finite\)"):
+        InputGradient(weight=float("nan"))
+    with pytest.raises(TypeError, match="`normalize` must be True or False"):
+        to_map(torch.rand(1, 3, 2, 2), normalize="no")
+
+
+def test_float64_images_run_in_the_model_dtype():
+    """float64 images on a float32 model used to fail inside the first layer ("expected scalar type Double")."""
+    import torch
+
+    from fragdefense.attacks import attack_interpretation, pgd_attack
+    from fragdefense.attributions import attribute
+    from fragdefense.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("small_cnn", num_classes=3, width=4).eval()
+    x64 = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(attribute("saliency", net, x64), attribute("saliency", net, x64.float()))
+    a = attack_interpretation(net, x64, steps=2, k=10)
+    b = attack_interpretation(net, x64.float(), steps=2, k=10)
+    torch.testing.assert_close(a.x_adv, b.x_adv)
+    assert pgd_attack(net, x64, torch.tensor([0, 1]), steps=1, generator=0).shape == x64.shape

@@ -62,7 +62,7 @@ from fragdefense.metrics.registry import compute_metrics
 from fragdefense.models.outputs import OutputFn, check_logits, with_output
 from fragdefense.models.softplus import set_softplus_beta
 from fragdefense.models.surrogate import softplus_surrogate
-from fragdefense.utils.checks import check_images, check_int_in_range
+from fragdefense.utils.checks import as_model_dtype, check_images, check_int_in_range
 from fragdefense.utils.conventions import eval_mode, make_generator, parse_budget, randn, resolve_step_size
 
 __all__ = [
@@ -309,7 +309,7 @@ def attack_interpretation(
     spec = get_attack(attack)
     mspec = resolve_attribution(method, "method")
     opts = dict(method_opts or {})
-    x = check_images(x, "x")
+    x = as_model_dtype(check_images(x, "x"), model)
     if x.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty batch of images (B, C, H, W), got shape {tuple(x.shape)}")
     b, _, h, w = x.shape

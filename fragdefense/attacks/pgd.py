@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fragdefense.attacks.threat import ThreatModel, make_threat
-from fragdefense.utils.checks import check_images, check_int_in_range
+from fragdefense.utils.checks import as_model_dtype, check_images, check_int_in_range
 from fragdefense.utils.conventions import make_generator, parse_budget, resolve_step_size
 
 __all__ = ["pgd_attack", "Objective"]
@@ -95,14 +95,18 @@ def pgd_attack(
     >>> bool((far(net, xa, x, None) > 0).all())  # (from x itself the gradient would be zero)
     True
     """
-    x = check_images(x, "x")
+    x = as_model_dtype(check_images(x, "x"), model)
     b = x.shape[0]
+    if b == 0:
+        raise ValueError("`x` must be a non-empty batch of images (B, C, H, W), got B = 0")
     if loss_fn is not None and objective is not None:
         raise ValueError("give at most one of `loss_fn` (on the logits) and `objective` (on the model and input)")
     if y is None and objective is None:
         raise ValueError(f"`y` must be a LongTensor of shape ({b},) (it may be None only with `objective`)")
     if y is not None and (not isinstance(y, Tensor) or y.shape != (b,)):
         raise ValueError(f"`y` must be a LongTensor of shape ({b},), got {getattr(y, 'shape', type(y))}")
+    if y is not None and objective is None and loss_fn is None and (y.is_floating_point() or y.dtype == torch.bool):
+        raise TypeError(f"`y` must hold integer class labels, got dtype {y.dtype}")
     eps = parse_budget(eps, "eps")
     steps = check_int_in_range(steps, "steps", 0)
     restarts = check_int_in_range(restarts, "restarts", 1)
@@ -113,9 +117,17 @@ def pgd_attack(
 
     if objective is None:
         lf = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
+        checked = loss_fn is not None
 
         def value(xa: Tensor) -> Tensor:
-            return lf(model(xa), y)
+            nonlocal checked
+            logits = model(xa)
+            if not checked:  # cross-entropy: class ids in [0, K), checked on the first forward (no extra pass)
+                k = logits.shape[-1]
+                if bool(((y < 0) | (y >= k)).any()):
+                    raise ValueError(f"`y` must hold class labels in [0, {k - 1}], got {y.tolist()}")
+                checked = True
+            return lf(logits, y)
 
     else:
 

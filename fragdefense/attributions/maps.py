@@ -53,6 +53,8 @@ def to_map(attr: Tensor, reduce: Reduce = "abs_sum", normalize: bool = True) -> 
         raise TypeError(f"`attr` must have a floating dtype, got {attr.dtype}")
     if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"`normalize` must be True or False, got {normalize!r}")
     low = attr.dtype in (torch.float16, torch.bfloat16)
     x = attr.float() if low else attr
     if reduce == "abs_sum":

@@ -18,6 +18,7 @@ from fragdefense.attributions.integrated_gradients import integrated_gradients
 from fragdefense.attributions.propagation import deeplift, lrp
 from fragdefense.attributions.robust import ROBUST_CREATE_GRAPH_METHODS, beta_smooth, local_smooth, uniform_grad
 from fragdefense.attributions.smoothgrad import smoothgrad
+from fragdefense.utils.checks import as_model_dtype
 
 __all__ = [
     "AttributionSpec",
@@ -71,6 +72,8 @@ class AttributionSpec:
                 f"`create_graph=True` is not supported by {self.name!r}; methods supporting create_graph: "
                 f"{', '.join(n for n, s in _REGISTRY.items() if s.create_graph)}"
             )
+        if isinstance(x, Tensor):
+            x = as_model_dtype(x, model)
         return self.fn(model, x, target, create_graph=create_graph, **opts)
 
 

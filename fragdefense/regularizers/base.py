@@ -114,9 +114,9 @@ class Regularizer(nn.Module):
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or float(weight) < 0:
-            raise ValueError(f"`weight` must be a number >= 0, got {weight!r}")
-        if not isinstance(warmup_epochs, (int, float)) or float(warmup_epochs) < 0:
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= float(weight) < float("inf"):
+            raise ValueError(f"`weight` must be a number >= 0 (finite), got {weight!r}")
+        if not isinstance(warmup_epochs, (int, float)) or not 0 <= float(warmup_epochs) < float("inf"):
             raise ValueError(f"`warmup_epochs` must be a number >= 0, got {warmup_epochs!r}")
         self.weight = float(weight)
         self.warmup_epochs = float(warmup_epochs)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "as_model_dtype",
     "check_images",
     "check_maps",
     "check_pair",
@@ -33,6 +34,8 @@ def check_images(x: Tensor, name: str = "x", *, unit_range: bool = True) -> Tens
         raise ValueError(f"`{name}` must have shape (B, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must have a floating dtype (images in [0, 1]), got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty batch of images (B, C, H, W), got B = 0")
     if not torch.isfinite(x).all():
         raise ValueError(f"`{name}` contains NaN or Inf values; images must be finite and in [0, 1]")
     if unit_range:
@@ -43,6 +46,20 @@ def check_images(x: Tensor, name: str = "x", *, unit_range: bool = True) -> Tens
                 f"got min={lo:.4g}, max={hi:.4g}"
             )
     return x
+
+
+def as_model_dtype(x: Tensor, model: Any) -> Tensor:
+    """``x`` in the floating dtype of ``model``'s parameters (float64 images on a float32 model are computed in
+    float32 instead of failing inside the first layer); unchanged when the model has no floating parameter.
+
+    >>> net = torch.nn.Linear(2, 2)
+    >>> as_model_dtype(torch.zeros(1, 2, dtype=torch.float64), net).dtype
+    torch.float32
+    """
+    p = next((q for q in getattr(model, "parameters", lambda: iter(()))() if q.is_floating_point()), None)
+    if p is None or x.dtype == p.dtype or not x.is_floating_point():
+        return x
+    return x.to(p.dtype)
 
 
 def check_maps(a: Tensor, name: str = "a") -> Tensor:
