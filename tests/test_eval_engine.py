@@ -197,7 +197,7 @@ def test_errors_before_any_work(ckpt, tmp_path):
 
 def test_kill_mid_grid_and_rerun_recomputes_no_finished_cell(ckpt, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = [f"checkpoint={ckpt}", *DATA, *GRID, "protocol.steps=12", "n_images=48", "figures=false"]
+    args = [f"checkpoint={ckpt}", *DATA, *GRID, "protocol.steps=12", "n_images=48", "figures=false", "save_images=true"]
     ref = tmp_path / "ref"
     subprocess.run(_cli(*args, f"out_dir={ref}"), env=env, check=True, capture_output=True, timeout=600)
     out = tmp_path / "killed"
@@ -222,6 +222,15 @@ def test_kill_mid_grid_and_rerun_recomputes_no_finished_cell(ckpt, tmp_path):
     a = json.loads((ref / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
     _assert_same_rows(_per_image(a), _per_image(b))
+    # the saved images of every cell are exactly its attacked images, once each (a cell cut by the kill and
+    # computed again does not keep the killed run's chunks)
+    import numpy as np
+
+    for cell in b["per_image"]:
+        key = f"{cell['method']}__{cell['attack']}__{round(cell['epsilon'] * 255)}_255"
+        chunks = sorted((out / "cells" / key / "images-0-of-1").glob("batch-*.npz"))
+        ids = [int(i) for f in chunks for i in np.load(f)["ids"]]
+        assert sorted(ids) == sorted(r["image"] for r in cell["images"]), key
 
 
 def test_ddp_cpu_two_processes_equal_one_process(ckpt, tmp_path):

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from fragdefense.models import create_model, load_checkpoint_model
 
-__all__ = ["resolve_device", "load_model", "select_images", "import_plugins"]
+__all__ = ["resolve_device", "load_model", "selected_indices", "select_images", "import_plugins"]
 
 
 def import_plugins(cfg: DictConfig | dict) -> list[str]:
@@ -63,9 +63,18 @@ def load_model(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
     raise ValueError("give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`")
 
 
+def selected_indices(n_dataset: int, n: int, seed: int) -> list[int]:
+    """The sorted indices of ``min(n, n_dataset)`` items drawn with ``seed`` (every command's image selection).
+
+    >>> selected_indices(10, 3, 0) == selected_indices(10, 3, 0), len(selected_indices(4, 9, 0))
+    (True, 4)
+    """
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_dataset, generator=g)[: min(n, n_dataset)].tolist())
+
+
 def select_images(dataset: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``min(n, len(dataset))`` images drawn with ``seed`` (sorted indices): ``(x, y, indices)``."""
-    g = torch.Generator().manual_seed(seed)
-    idx = sorted(torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist())
+    idx = selected_indices(len(dataset), n, seed)
     items = [dataset[i] for i in idx]
     return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]), idx

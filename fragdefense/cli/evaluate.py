@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.attacks import get_attack
-from fragdefense.cli._common import import_plugins
+from fragdefense.cli._common import import_plugins, selected_indices
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
@@ -118,11 +118,6 @@ class _Indexed(torch.utils.data.Dataset):
         return x, int(y), self.indices[i]
 
 
-def _selected_indices(n_dataset: int, n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n_dataset, generator=g)[: min(n, n_dataset)].tolist())
-
-
 def _check_classes(model: torch.nn.Module, datamodule: Any, x: torch.Tensor, device: torch.device) -> int:
     with torch.no_grad():
         k = int(model(x[:1].to(device)).shape[1])
@@ -137,13 +132,21 @@ def _check_classes(model: torch.nn.Module, datamodule: Any, x: torch.Tensor, dev
 
 def _image_writer(store: CellStore) -> Any:
     """``on_batch`` hook writing each batch's attacked images and maps (uint8 / float16) beside the cell, for the
-    W&B table; written before the cell's record, so a resumed cell has them."""
+    W&B table; written before the cell's record, so a resumed cell has them. A cell computed again (its run was
+    killed before the record) first drops the chunks the killed run left."""
+    import shutil
+
     import numpy as np
 
+    written: dict[str, int] = {}
+
     def write(cell: Cell, res: Any, x: torch.Tensor, ids: list[int]) -> None:
+        d = store.out_dir / "cells" / cell.key / f"images-{store.rank}-of-{store.world_size}"
+        if cell.key not in written:
+            shutil.rmtree(d, ignore_errors=True)
+            written[cell.key] = 0
         if not res.n_attacked:
             return
-        d = store.out_dir / "cells" / cell.key / f"images-{store.rank}-of-{store.world_size}"
         d.mkdir(parents=True, exist_ok=True)
         idx = res.index.cpu()
         arrays = {
@@ -153,7 +156,8 @@ def _image_writer(store: CellStore) -> Any:
             "clean_map": res.clean_map.detach().cpu().half().numpy(),
             "adv_map": res.adv_map.detach().cpu().half().numpy(),
         }
-        n = len(list(d.glob("batch-*.npz")))
+        n = written[cell.key]
+        written[cell.key] = n + 1
         tmp = d / f".batch-{n:05d}.npz.tmp"
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
@@ -205,7 +209,7 @@ def _grid_one(
     datamodule.setup("test")
     test_set = datamodule.test_set
     model = _load_model(mcfg, datamodule).to(device).eval()
-    idx = _selected_indices(len(test_set), int(cfg.n_images), int(cfg.seed))
+    idx = selected_indices(len(test_set), int(cfg.n_images), int(cfg.seed))
     _check_classes(model, datamodule, test_set[idx[0]][0][None], device)  # before any work
     store = CellStore(out_dir, _result_config(mcfg, checkpoint, specs, proto, eps_list), rank, world)
     shard = idx[rank::world]
@@ -315,7 +319,8 @@ def _grid_one(
             ex = examples.get(c.key)
             if ex is not None and c.eps == top and (get_attack(c.attack).needs_gradient or len(attacks) == 1):
                 figures.append(plot_examples(ex, out_dir / f"examples_{c.explainer}_{c.attack}.png", title=f"{c.key}"))
-    _log_grid_wandb(wandb_run, out_dir, store, cells, records, figures, prefix=f"{name}/" if name else "")
+    rows_by_cell = {c.key: {row["image"]: row for row in p["images"]} for c, p in zip(cells, per_image)}
+    _log_grid_wandb(wandb_run, out_dir, store, cells, records, rows_by_cell, figures, prefix=f"{name}/" if name else "")
     from rich.console import Console
     from rich.markdown import Markdown
 
@@ -325,7 +330,14 @@ def _grid_one(
 
 
 def _log_grid_wandb(
-    run: Any, out_dir: Path, store: CellStore, cells: list[Cell], records: list[dict], figures: list[Path], prefix: str
+    run: Any,
+    out_dir: Path,
+    store: CellStore,
+    cells: list[Cell],
+    records: list[dict],
+    rows_by_cell: dict[str, dict[int, dict]],
+    figures: list[Path],
+    prefix: str,
 ) -> None:
     """Per-cell metrics, one ``wandb.Table`` row per attacked image (clean image, clean map, attacked image,
     attacked map as images, plus its metrics), the figures and ``results.json`` as an artifact."""
@@ -339,7 +351,6 @@ def _log_grid_wandb(
         run.log({f"{key}/{k}": v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     cols = ["cell", "image", "label", "clean", "clean_map", "attacked", "attacked_map"]
     metric_cols: list[str] = []
-    rows_by_cell = {c.key: {row["image"]: row for row in store.merge(c).rows} for c in cells}
     for rows in rows_by_cell.values():
         for row in rows.values():
             metric_cols += [k for k in row if k not in ("image", "label") and k not in metric_cols]
@@ -510,11 +521,6 @@ def _write_comparison(
     Console().print(Markdown(md))
     Console().print(f"comparison: {out_dir / 'comparison.json'}")
     return payload
-
-
-def results_table(records: list[dict[str, Any]], clean_acc: float | None = None) -> str:
-    """Markdown table of the grid's mean metrics (:func:`fragdefense.evaluation.report.grid_table`)."""
-    return grid_table(records, clean_acc)
 
 
 # ------------------------------------------------------------------------------------------ compare mode

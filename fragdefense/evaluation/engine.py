@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from fragdefense.attacks import attack_interpretation, get_attack
-from fragdefense.attributions import resolve_attribution, supports_create_graph
+from fragdefense.attributions import resolve_attribution
 from fragdefense.utils.conventions import Budget, image_seed, make_generator
 
 __all__ = [
@@ -390,8 +390,3 @@ def run_grid(
         if store is not None:
             store.write(res)
         yield res
-
-
-def explainer_is_differentiable(method: Any) -> bool:
-    """Whether an explainer (name, callable, captum object) has a differentiable map."""
-    return supports_create_graph(method) if isinstance(method, str) else resolve_attribution(method).create_graph
