@@ -1,10 +1,18 @@
-"""Registry of map-comparison metrics: the one list that attacks, monitors, evaluation and tables report.
+"""Registry of metrics: the one list that attacks, monitors, evaluation and tables report.
 
-A metric compares the attacked map ``adv`` with the clean map ``clean`` (both ``(B, H, W)``, normalised) and
-returns one value per image. ``opts`` carries what some metrics need: ``k`` (top-k size), ``window`` (LENS
+Two kinds share the registry. A *comparison* metric (``kind="comparison"``, the default) compares the
+attacked map ``adv`` with the clean map ``clean`` (both ``(B, H, W)``, normalised) and returns one value per
+image. ``opts`` carries what some metrics need: ``k`` (top-k size), ``window`` (LENS
 window), ``target_mask`` / ``target_map`` (targeted attacks). A metric whose ``requires`` are missing from
 ``opts`` is skipped. Plain torch: the torchmetrics class is named, not imported, so the functional core stays
 free of torchmetrics.
+
+An *explanation* score (``kind="explanation"``: robustness and faithfulness of an explanation function) is
+``fn(model, x, y, maps, explain, opts) -> (B,)``: ``model`` takes images in [0, 1], ``x`` is ``(B, C, H, W)``,
+``y`` the ``(B,)`` explained classes, ``maps`` the ``(B, H, W)`` clean maps ``explain(x, y)``, and ``explain`` a
+callable ``explain(x, y) -> (B, H, W)`` that re-explains perturbed inputs. :func:`compute_explanation_scores`
+runs them; :func:`list_metrics` and :func:`compute_metrics` list and run comparison metrics unless ``kind`` says
+otherwise.
 
 >>> import torch
 >>> from fragdefense.metrics.registry import register_metric, compute_metrics, unregister_metric
@@ -35,8 +43,13 @@ __all__ = [
     "get_metric",
     "list_metrics",
     "compute_metrics",
+    "compute_explanation_scores",
     "metric_label",
+    "KINDS",
 ]
+
+#: the kinds of registered metrics
+KINDS = ("comparison", "explanation")
 
 MetricFn = Callable[[Tensor, Tensor, dict[str, Any]], Tensor]
 
@@ -56,6 +69,9 @@ class MetricSpec:
         requires: keys of ``opts`` that must be present (and not ``None``) for the metric to apply.
         report: reported by attacks, monitors and tables by default.
         cls_swap: the class is updated as ``update(clean, adv)`` instead of ``update(adv, clean)``.
+        kind: ``"comparison"`` (``fn(adv, clean, opts)``) or ``"explanation"``
+            (``fn(model, x, y, maps, explain, opts)``); for explanation scores ``similarity`` means "higher is
+            better".
     """
 
     name: str
@@ -67,6 +83,7 @@ class MetricSpec:
     requires: tuple[str, ...] = ()
     report: bool = True
     cls_swap: bool = False
+    kind: str = "comparison"
 
     def update_class(self, metric: Any, adv: Tensor, clean: Tensor) -> None:
         """``metric.update`` in the order the class expects."""
@@ -99,10 +116,13 @@ def register_metric(
     requires: tuple[str, ...] = (),
     report: bool = True,
     cls_swap: bool = False,
+    kind: str = "comparison",
 ) -> Any:
     """Register a metric (usable as a decorator); see :class:`MetricSpec` for the arguments."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a non-empty string, got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
 
     def deco(f: MetricFn) -> MetricFn:
         if not callable(f):
@@ -110,7 +130,7 @@ def register_metric(
         if name in METRICS:
             raise ValueError(f"metric {name!r} is already registered")
         METRICS[name] = MetricSpec(
-            name, f, label or name.replace("_", " "), similarity, cls, cls_opts, requires, report, cls_swap
+            name, f, label or name.replace("_", " "), similarity, cls, cls_opts, requires, report, cls_swap, kind
         )
         return f
 
@@ -129,15 +149,23 @@ def get_metric(name: str) -> MetricSpec:
     return METRICS[name]
 
 
-def list_metrics(report: bool | None = None, opts: dict[str, Any] | None = None) -> list[str]:
-    """Registered metric names (registration order); ``report`` filters the default-reported ones; ``opts``
-    keeps only the metrics that apply (their ``requires`` present).
+def list_metrics(
+    report: bool | None = None, opts: dict[str, Any] | None = None, kind: str | None = "comparison"
+) -> list[str]:
+    """Registered metric names (registration order) of ``kind`` (``None``: every kind); ``report`` filters the
+    default-reported ones; ``opts`` keeps only the metrics that apply (their ``requires`` present).
 
     >>> list_metrics(report=True, opts={"k": 10, "window": 1})
     ['topk_intersection', 'spearman', 'kendall', 'center_shift', 'lens_recall']
     """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS} or None, got {kind!r}")
     return [
-        n for n, s in METRICS.items() if (report is None or s.report == report) and (opts is None or s.applies(opts))
+        n
+        for n, s in METRICS.items()
+        if (kind is None or s.kind == kind)
+        and (report is None or s.report == report)
+        and (opts is None or s.applies(opts))
     ]
 
 
@@ -148,8 +176,34 @@ def compute_metrics(
     out: dict[str, Tensor] = {}
     for n in names if names is not None else list_metrics(report=True):
         spec = get_metric(n)
+        if spec.kind != "comparison":
+            raise ValueError(f"metric {n!r} is an explanation score; run it with compute_explanation_scores")
         if spec.applies(opts):
             out[n] = spec.fn(adv, clean, opts)
+    return out
+
+
+def compute_explanation_scores(
+    model: Any,
+    x: Tensor,
+    y: Tensor,
+    maps: Tensor,
+    explain: Callable[[Tensor, Tensor], Tensor],
+    names: list[str],
+    opts: dict[str, Any] | None = None,
+) -> dict[str, Tensor]:
+    """The explanation scores ``names`` of ``explain`` on ``(x, y)``, one ``(B,)`` tensor each (``opts`` holds
+    their settings; a score whose ``requires`` are missing from ``opts`` raises)."""
+    opts = dict(opts or {})
+    out: dict[str, Tensor] = {}
+    for n in names:
+        spec = get_metric(n)
+        if spec.kind != "explanation":
+            raise ValueError(f"metric {n!r} compares two maps; it is not an explanation score")
+        missing = [r for r in spec.requires if opts.get(r) is None]
+        if missing:
+            raise ValueError(f"explanation score {n!r} needs {missing} in its options")
+        out[n] = spec.fn(model, x, y, maps, explain, opts)
     return out
 
 
