@@ -155,16 +155,26 @@ def explainer_specs(explainers: Any, *, check_gradient_attacks: Sequence[str] = 
 
 @dataclass(frozen=True)
 class Cell:
-    """One (explainer, attack, eps) of the grid."""
+    """One (explainer, attack, eps) of the grid (``kind="attack"``). The same record names the other evaluations
+    of a run: the explanation scores of an explainer's clean maps (``kind="quality"``, ``attack`` empty, eps 0)
+    and the robust accuracy under a label attack (``kind="robust"``, ``explainer`` empty)."""
 
     explainer: str
     attack: str
     eps: Budget
+    kind: str = "attack"
 
     @property
     def key(self) -> str:
-        """A file-name-safe identifier, e.g. ``saliency__topk__8_255``."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.explainer}__{self.attack}__{self.eps}")
+        """A file-name-safe identifier, e.g. ``saliency__topk__8_255``, ``saliency__quality``,
+        ``robust__autoattack__8_255``."""
+        if self.kind == "quality":
+            raw = f"{self.explainer}__quality"
+        elif self.kind == "robust":
+            raw = f"robust__{self.attack}__{self.eps}"
+        else:
+            raw = f"{self.explainer}__{self.attack}__{self.eps}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
 
 
 def grid_cells(explainers: Iterable[str], attacks: Iterable[str], eps: Iterable[Any]) -> list[Cell]:

@@ -115,7 +115,12 @@ class CellStore:
     def write(self, res: CellResult) -> Path:
         """Write this shard of a finished cell atomically."""
         payload = {
-            "cell": {"explainer": res.cell.explainer, "attack": res.cell.attack, "eps": str(res.cell.eps)},
+            "cell": {
+                "explainer": res.cell.explainer,
+                "attack": res.cell.attack,
+                "eps": str(res.cell.eps),
+                "kind": res.cell.kind,
+            },
             "rank": self.rank,
             "world_size": self.world_size,
             "rows": res.rows,
@@ -145,4 +150,4 @@ class CellStore:
 
 def parse_cell(d: dict[str, Any]) -> Cell:
     """A :class:`Cell` from its stored form."""
-    return Cell(d["explainer"], d["attack"], Budget(d["eps"]))
+    return Cell(d["explainer"], d["attack"], Budget(d["eps"]), d.get("kind", "attack"))
