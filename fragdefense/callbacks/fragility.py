@@ -80,7 +80,7 @@ from fragdefense.callbacks._probe import (
 from fragdefense.evaluation.engine import Cell, ExplainerSpec, aggregate_rows, clean_accuracy, run_cell
 from fragdefense.metrics import functional as MF
 from fragdefense.metrics.registry import list_metrics
-from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.checks import check_bool, check_finite_float, parse_eps
 from fragdefense.utils.conventions import Budget
 
 __all__ = [
@@ -268,6 +268,10 @@ class FragilityMonitor(L.Callback):
         model: the network to evaluate: ``None`` (``pl_module.model`` if it is an ``nn.Module``, else the
             LightningModule), an attribute path of the LightningModule (``"net"``, ``"ema.module"``) or a
             callable ``pl_module -> nn.Module``. It must take images in ``[0, 1]`` and return logits.
+        progress: report the evaluation's progress (global-zero process, ``rank_zero_info``: Lightning's console
+            logger): after a batch of a cell (method x attack x eps) when ``progress_interval`` seconds passed
+            since the last line, and after the last cell.
+        progress_interval: minimum seconds between two progress lines (``0``: a line per batch).
 
     Any LightningDataModule or dataloader works (no ``probe_batch()`` needed)::
 
@@ -316,6 +320,8 @@ class FragilityMonitor(L.Callback):
         probe: ImageSource | None = None,
         probe_seed: int = 0,
         model: NetworkSpec = None,
+        progress: bool = True,
+        progress_interval: float = 10.0,
     ) -> None:
         super().__init__()
         methods, attacks, beta = _plain(methods), _plain(attacks), _plain(beta)
@@ -374,6 +380,8 @@ class FragilityMonitor(L.Callback):
         self.probe = probe
         self.probe_seed = _int(probe_seed, "probe_seed", 0)
         self.model = check_network_spec(model, "FragilityMonitor")
+        self.progress = check_bool(progress, "progress")
+        self.progress_interval = check_finite_float(progress_interval, "progress_interval", 0.0)
         #: the last evaluation (any stage) and the end-of-fit one
         self.last: FragilityReport | None = None
         self.final: FragilityReport | None = None
@@ -514,11 +522,18 @@ class FragilityMonitor(L.Callback):
                 mm_adv.update(zip(done, MF.mask_mass(res.adv_map.abs(), mk).double().tolist()))
                 mm_clean.update(zip(done, MF.mask_mass(res.clean_map.abs(), mk).double().tolist()))
 
+            report = _Progress(
+                len(self.methods) * len(self.attacks),
+                len(positions),
+                self.progress_interval,
+                enabled=self.progress and rank == 0,
+            )
             for mi, (method, mopts) in enumerate(self.methods.items()):
                 spec = ExplainerSpec(method, method, dict(mopts))
                 for ai, attack in enumerate(self.attacks):
                     mm_adv.clear()
                     mm_clean.clear()
+                    report.start(f"{method} / {attack} / eps {budget}")
                     res = run_cell(
                         model,
                         batches,
@@ -530,7 +545,9 @@ class FragilityMonitor(L.Callback):
                         n_examples=n_keep,
                         require_correct=True,
                         on_batch=mask_mass if mask is not None else None,
+                        progress=report.batch,
                     )
+                    report.done(res.aggregate)
                     ex = res.examples
                     records_cell = []
                     for r in res.rows:
@@ -788,10 +805,13 @@ class FragilityMonitor(L.Callback):
 
         ``{"epoch", "n_probe", "eps", "eps_255", "protocol", "probe_acc", "seconds", "maps_png",
         "methods": {method: {"mask_mass_clean"?, "attacks": {attack: {metric: value, "acc_attacked", "n_attacked",
-        "zero_gradient_rate", "notes", "text"}}}}}``; ``acc_attacked`` = share of probe images still correctly
-        classified after the attack; ``notes``: what makes the cell's numbers no evidence of robustness (no probe
-        image attacked, no image perturbed, a zero ascent gradient); ``text``: the cell as one line for a
-        console. A cell without an attacked image has no metric values here (they are logged as NaN).
+        "n_perturbed", "zero_gradient_rate", "notes", "text"}}}}}``; ``acc_attacked`` = share of probe images
+        still correctly classified after the attack; ``n_perturbed``: attacked images for which a label-preserving
+        perturbation was found (the means include the others, whose maps did not change); ``notes``: what makes
+        the cell's numbers no evidence of robustness (no probe image attacked, no image perturbed, a zero ascent
+        gradient); ``text``: the cell as one line for a console, every figure beside its ``n perturbed /
+        n attacked``. A cell without an attacked image has no metric values here (they are logged as NaN) and its
+        text says why.
         """
         rep = self.final
         if rep is None and self.last is not None and self.last.stage == "fit":
@@ -818,6 +838,8 @@ class FragilityMonitor(L.Callback):
                 # no attacked image: no correctly classified one, so nothing is classified correctly after the attack
                 vals["acc_attacked"] = acc * kept if n_att != 0 else acc
                 vals["n_attacked"] = n_att
+                rate = cell.get("perturbed_rate")
+                vals["n_perturbed"] = round(rate * n_att) if rate is not None and n_att else (0 if n_att == 0 else None)
                 vals["zero_gradient_rate"] = cell.get("zero_gradient_rate")
                 vals["notes"] = notes.get((m, a), [])
                 vals["text"] = _cell_text(vals, acc, self.k)
@@ -842,17 +864,28 @@ def _pct(v: Any) -> str:
     return f"{100 * v:.2f}%" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
+def _num(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "not measured"
+
+
 def _cell_text(v: Mapping[str, Any], acc: float, k: int) -> str:
     """One cell of :meth:`FragilityMonitor.summary` as a console line: accuracy clean -> attacked, and the top-k
-    intersection and Spearman of clean vs attacked maps only where they measure something.
+    intersection and Spearman of clean vs attacked maps only where they measure something, each beside how many
+    of the attacked images were perturbed (the means include the unperturbed ones, whose maps did not move).
 
     >>> _cell_text({"n_attacked": 0, "acc_attacked": 0.0}, 0.0, 100)
     'acc 0.00%: no probe image attacked (all misclassified)'
     >>> _cell_text({"n_attacked": 3, "acc_attacked": 1.0, "perturbed_rate": 0.0, "topk_intersection": 1.0}, 1.0, 9)
     'acc 100.00% -> 100.00%: no image perturbed (no label-preserving perturbation found), similarities not measured'
+    >>> _cell_text({"n_attacked": 4, "n_perturbed": 3, "acc_attacked": 0.5, "perturbed_rate": 0.75,
+    ...             "topk_intersection": 0.5, "spearman": 0.25}, 0.5, 9)
+    'acc 50.00% -> 50.00%, top-9 0.500 (3 perturbed / 4 attacked), Spearman 0.250 (3 perturbed / 4 attacked)'
     """
+    n_att = v.get("n_attacked")
+    if n_att == 0 and not (isinstance(acc, (int, float)) and math.isfinite(acc)):
+        return "no probe image evaluated (the probe set is empty): nothing measured"
     head = f"acc {_pct(acc)}"
-    if v.get("n_attacked") == 0:
+    if n_att == 0:
         return f"{head}: {NO_ATTACKED_IMAGE}"
     head += f" -> {_pct(v.get('acc_attacked'))}"
     pr, zg = v.get("perturbed_rate"), v.get("zero_gradient_rate") or 0.0
@@ -860,14 +893,47 @@ def _cell_text(v: Mapping[str, Any], acc: float, k: int) -> str:
         return f"{head}: zero ascent gradient on every image (the maps could not move), similarities not measured"
     if pr == 0.0:
         return f"{head}: no image perturbed (no label-preserving perturbation found), similarities not measured"
-    topk, rho = v.get("topk_intersection", float("nan")), v.get("spearman", float("nan"))
-    out = f"{head}, top-{k} {topk:.3f}, Spearman {rho:.3f}"
-    extra = []
-    if pr is not None and pr < 1.0:
-        extra.append(f"{_pct(1.0 - pr)} of the images not perturbed")
+    n_pert = v.get("n_perturbed")
+    if n_pert is None and pr is not None and n_att is not None:
+        n_pert = round(pr * n_att)
+    count = f" ({n_pert} perturbed / {n_att} attacked)" if n_pert is not None and n_att is not None else ""
+    topk, rho = v.get("topk_intersection"), v.get("spearman")
+    out = f"{head}, top-{k} {_num(topk)}{count}, Spearman {_num(rho)}{count}"
     if zg > 0.0:
-        extra.append(f"zero ascent gradient on {_pct(zg)} of the images")
-    return out + (f" ({'; '.join(extra)})" if extra else "")
+        out += f" (zero ascent gradient on {_pct(zg)} of the images)"
+    return out
+
+
+class _Progress:
+    """Rate-limited progress lines of one monitor evaluation (the engine's ``run_cell(progress=...)`` hook):
+    ``rank_zero_info`` (Lightning's console logger) after a batch when ``interval`` seconds passed since the last
+    line, and after the last cell; silent when disabled."""
+
+    def __init__(self, n_cells: int, n_images: int, interval: float, enabled: bool) -> None:
+        self.n_cells, self.n_images, self.interval, self.enabled = n_cells, n_images, float(interval), enabled
+        self.t0 = self.last = time.perf_counter()
+        self.cell, self.name, self.seen = 0, "", 0
+
+    def _emit(self, msg: str) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        self.last = time.perf_counter()
+        rank_zero_info(f"FragilityMonitor: {msg}; {self.last - self.t0:.0f} s elapsed")
+
+    def start(self, name: str) -> None:
+        self.cell, self.name, self.seen = self.cell + 1, name, 0
+
+    def batch(self, n: int) -> None:
+        self.seen += int(n)
+        if self.enabled and time.perf_counter() - self.last >= self.interval:
+            self._emit(f"cell {self.cell}/{self.n_cells} ({self.name}): {self.seen}/{self.n_images} images")
+
+    def done(self, agg: Mapping[str, Any]) -> None:
+        last = self.cell == self.n_cells
+        if self.enabled and (last or time.perf_counter() - self.last >= self.interval):
+            n, rate = agg.get("n_images", 0), agg.get("perturbed_rate")
+            what = f"{round(rate * n) if rate is not None else 0} perturbed / {n} attacked" if n else "none attacked"
+            self._emit(f"cell {self.cell}/{self.n_cells} ({self.name}) done, {what}")
 
 
 def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:

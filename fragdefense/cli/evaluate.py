@@ -23,8 +23,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.attacks import get_attack
-from fragdefense.cli._common import import_plugins, selected_indices
+from fragdefense.attacks import get_attack, list_attacks
+from fragdefense.attacks.registry import list_criteria
+from fragdefense.attributions import REDUCTIONS, list_attributions
+from fragdefense.cli._common import check_beta, common_spec, import_plugins, require_model_source, selected_indices
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
@@ -61,11 +63,32 @@ from fragdefense.evaluation.report import (
     protocol_block,
     seed_table,
 )
-from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.checks import (
+    check_bool,
+    check_budget_list,
+    check_choice,
+    check_int_in_range,
+    check_names,
+    check_positive_int,
+    optional,
+    parse_eps,
+    validate_config,
+)
 from fragdefense.utils.conventions import Budget, parse_budget
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["evaluate", "compare", "main", "parse_eps", "METRICS", "explainer_specs"]
+__all__ = [
+    "evaluate",
+    "compare",
+    "main",
+    "parse_eps",
+    "METRICS",
+    "MODES",
+    "explainer_specs",
+    "check_config",
+    "config_spec",
+    "resolve_methods",
+]
 
 log = logging.getLogger("fragdefense.eval")
 METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "lens_recall")
@@ -79,10 +102,121 @@ def _out_dir(cfg: DictConfig, default: str) -> Path:
     return out_dir.absolute()
 
 
-def _pos_int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {v!r}")
-    return int(v)
+MODES = ("grid", "compare")
+
+
+def _plain(v: Any) -> Any:
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def resolve_methods(cfg: Any) -> dict[str, Any]:
+    """The explainers of the grid, from the config's ``methods``: a list of names (``methods=[saliency]``) or a
+    mapping name -> options / ``{method, opts, surrogate, surrogate_opts}`` (``'methods={saliency:{}}'``). Either
+    one given on the command line *replaces* the default set: the shipped defaults live in ``default_methods``
+    and ``methods`` only points at them (``methods: ${default_methods}``), so an override of ``methods`` is not
+    merged into them. ``methods`` null (or absent): ``default_methods``. Names are checked against the registry.
+
+    >>> resolve_methods({"methods": ["saliency"], "default_methods": {"integrated_gradients": {}}})
+    {'saliency': {}}
+    >>> resolve_methods({"methods": None, "default_methods": {"integrated_gradients": {"steps": 8}}})
+    {'integrated_gradients': {'steps': 8}}
+    """
+    raw = _plain(cfg.get("methods"))
+    if raw is None:
+        raw = _plain(cfg.get("default_methods"))
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, (list, tuple)):
+        return {m: {} for m in check_names(list(raw), "methods", list_attributions())}
+    if not isinstance(raw, dict):
+        raise TypeError(
+            f"`methods` must be a list of attribution names ([saliency, integrated_gradients]) or a mapping "
+            f"name -> options ({{saliency: {{}}, integrated_gradients: {{steps: 32}}}}), got {raw!r}"
+        )
+    if not raw:
+        raise ValueError("`methods` is empty; give at least one attribution method, e.g. methods=[saliency]")
+    out: dict[str, Any] = {}
+    for label, opts in raw.items():
+        opts = {} if opts is None else opts
+        if not isinstance(opts, dict):
+            raise TypeError(f"`methods.{label}` must be a mapping of options (or {{}}), got {opts!r}")
+        if "method" not in opts:  # the plain form name -> options: the label is the registered name
+            check_names([str(label)], "methods", list_attributions())
+        out[str(label)] = opts
+    return out
+
+
+def _protocol_spec(prefix: str = "protocol") -> dict[str, Any]:
+    """Checks of the attack protocol's keys (``protocol.steps``, ``protocol.k``, ...)."""
+    p = f"{prefix}."
+    return {
+        p + "steps": check_positive_int,
+        p + "step_size": optional(lambda v, n: parse_budget(v, n)),
+        p + "k": check_positive_int,
+        p + "beta": optional(check_beta),
+        p + "restarts": check_positive_int,
+        p + "random_start": check_bool,
+        p + "criterion": lambda v, n: check_choice(v, n, ("auto", *list_criteria())),
+        p + "check_every": check_positive_int,
+        p + "lens_window": lambda v, n: check_int_in_range(v, n, 0),
+        p + "reduce": lambda v, n: check_choice(v, n, REDUCTIONS),
+        p + "threat": lambda v, n: check_choice(v, n, ("linf", "l2")),
+    }
+
+
+def config_spec() -> dict[str, Any]:
+    """The check of every key of ``eval.yaml`` / ``eval_compare.yaml`` by key (for
+    :func:`~fragdefense.utils.checks.validate_config`); ``methods`` and ``explainers`` are resolved separately."""
+    return {
+        **common_spec(),
+        "mode": lambda v, n: check_choice(v, n, MODES),
+        "n_images": check_positive_int,
+        "batch_size": check_positive_int,
+        "num_workers": lambda v, n: check_int_in_range(v, n, 0),
+        "eps": check_budget_list,
+        "attacks": lambda v, n: check_names(v, n, list_attacks()),
+        "figures": check_bool,
+        "n_figure_images": lambda v, n: check_int_in_range(v, n, 0),
+        "save_images": check_bool,
+        "timing": check_bool,
+        "seed_check": check_bool,
+        **_protocol_spec(),
+    }
+
+
+def check_config(cfg: Any) -> dict[str, Any]:
+    """Every key of ``eval.yaml`` / ``eval_compare.yaml`` checked before the model and the data are loaded (types,
+    ranges, registry names, files), each error naming its key; returns the parsed ``mode``, ``eps`` (budgets),
+    ``attacks``, ``protocol`` and, in grid mode, ``specs`` (the explainers, :func:`resolve_methods`).
+
+    >>> from fragdefense.cli._config import compose_config
+    >>> check_config(compose_config("eval", ["model_name=small_cnn", "methods=[saliency]"]))["specs"].keys()
+    dict_keys(['saliency'])
+    """
+    v = validate_config(cfg, config_spec())
+    out: dict[str, Any] = {"mode": v.get("mode", "grid"), "attacks": list(v["attacks"])}
+    out["eps"] = [Budget(e, "eps") for e in cfg.eps]
+    proto = _plain(cfg.get("protocol")) or {}
+    if not isinstance(proto, dict):
+        raise TypeError(f"`protocol` must be a mapping of attack options, got {proto!r}")
+    proto["step_size"] = None if proto.get("step_size") is None else parse_budget(proto["step_size"], "step_size")
+    out["protocol"] = proto
+    if out["mode"] == "grid":
+        out["specs"] = _engine_explainer_specs(resolve_methods(cfg), check_gradient_attacks=out["attacks"])
+    else:
+        specs = explainer_specs(cfg.get("explainers"))
+        gradient_attacks = [a for a in out["attacks"] if get_attack(a).needs_gradient]
+        for label, spec in specs.items():
+            if gradient_attacks and not spec["differentiable"]:
+                raise ValueError(
+                    f"explainer {label!r}: attacks {gradient_attacks} need a differentiable path, but "
+                    f"{spec['surrogate'] or spec['method']!r} does not support create_graph; set `surrogate`"
+                )
+        out["explainers"] = specs
+    if cfg.get("checkpoints") and cfg.get("checkpoint"):
+        raise ValueError("give `checkpoint=` (one model) or `checkpoints=[...]` (a defense comparison), not both")
+    require_model_source(cfg, "checkpoints")
+    return out
 
 
 def _fabric(cfg: DictConfig) -> Any:
@@ -257,7 +391,9 @@ def _grid_one(
                 if not agg["n_images"]:
                     msg = f"no image attacked ({agg['n_skipped']} misclassified or skipped): metrics undefined"
                 else:
-                    msg = f"{agg['n_images']} attacked"
+                    rate = agg.get("perturbed_rate")
+                    n_pert = round(rate * agg["n_images"]) if rate is not None else 0
+                    msg = f"{n_pert} perturbed / {agg['n_images']} attacked"
                     if agg.get("zero_gradient_rate"):
                         msg += f", ZERO ascent gradient on {100 * agg['zero_gradient_rate']:.0f} % (not robustness)"
                 bar.write(f"[{c.explainer} / {c.attack} / eps={c.eps}] {msg}; {what}")
@@ -392,36 +528,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     (``fragdefense/configs/eval_compare.yaml``); ``checkpoints=[a.ckpt, b.ckpt, ...]`` evaluates every checkpoint
     under the same protocol on the same images and writes a defense comparison."""
     import_plugins(cfg)
-    mode = str(cfg.get("mode", "grid"))
-    if mode == "compare":
+    # every argument checked before any work (the model and the data are not loaded yet)
+    checked = check_config(cfg)
+    if checked["mode"] == "compare":
         return compare(cfg)
-    if mode != "grid":
-        raise ValueError(f"`mode` must be 'grid' or 'compare', got {mode!r}")
-    # every argument checked before any work
     out_dir = _out_dir(cfg, "runs/eval")
     check_writable(out_dir)
-    _pos_int(cfg.n_images, "n_images")
-    _pos_int(cfg.batch_size, "batch_size")
-    eps_list = [Budget(e, "eps") for e in cfg.eps]
-    attacks = list(cfg.attacks)
-    if not attacks:
-        raise ValueError("`attacks` is empty; give at least one registered attack, e.g. [random_sign, topk]")
-    for a in attacks:
-        get_attack(a)
-    methods = OmegaConf.to_container(cfg.methods, resolve=True) if cfg.get("methods") is not None else None
-    specs = _engine_explainer_specs(methods, check_gradient_attacks=attacks)
-    proto = OmegaConf.to_container(cfg.protocol, resolve=True)
-    proto["step_size"] = None if proto.get("step_size") is None else parse_budget(proto["step_size"], "step_size")
+    eps_list, attacks, specs, proto = checked["eps"], checked["attacks"], checked["specs"], checked["protocol"]
     checkpoints = list(cfg.get("checkpoints") or [])
-    if checkpoints and cfg.get("checkpoint"):
-        raise ValueError("give `checkpoint=` (one model) or `checkpoints=[...]` (a defense comparison), not both")
-    for c in checkpoints or ([cfg.checkpoint] if cfg.get("checkpoint") else []):
-        if not Path(str(c)).is_file():
-            raise FileNotFoundError(f"`checkpoint` {c!r} does not exist or is not a file")
-    if not checkpoints and not cfg.get("checkpoint") and not cfg.get("model_name"):
-        raise ValueError(
-            "give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`"
-        )
     torch.manual_seed(int(cfg.seed))
 
     fabric = _fabric(cfg)
@@ -532,23 +646,16 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     ``robustness_vs_cost.png`` and example figures. Returns the payload.
     """
     t0 = time.perf_counter()
+    specs = check_config(cfg)["explainers"]  # every argument, before the model and the data are loaded
     try:
         out_dir = Path(cfg.out_dir)
     except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
         out_dir = Path("runs/eval_compare") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = out_dir.absolute()
-    specs = explainer_specs(cfg.get("explainers"))
     proto = OmegaConf.to_container(cfg.protocol, resolve=True)
     proto["step_size"] = parse_eps(proto["step_size"])
     eps_list = [parse_eps(e) for e in cfg.eps]
     attacks = list(cfg.attacks)
-    gradient_attacks = [a for a in attacks if get_attack(a).needs_gradient]
-    for label, spec in specs.items():
-        if gradient_attacks and not spec["differentiable"]:
-            raise ValueError(
-                f"explainer {label!r}: attacks {gradient_attacks} need a differentiable path, but "
-                f"{spec['surrogate'] or spec['method']!r} does not support create_graph; set `surrogate`"
-            )
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     device = _device(str(cfg.device))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.cli._common import import_plugins
+from fragdefense.cli._common import check_beta, common_spec, import_plugins, require_model_source
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._common import select_images as _select_images
 from fragdefense.cli._config import config_dir
@@ -48,15 +48,104 @@ from fragdefense.hessian import (
     param_hessian,
     slq,
 )
+from fragdefense.hessian.hvp import OBJECTIVES
 from fragdefense.hessian.probes import DirectionProbe, spearman_1d
 from fragdefense.hessian.summary import fragility_summary, hessian_snapshot
 from fragdefense.models import create_model, load_checkpoint_model
-from fragdefense.utils.checks import parse_eps
+from fragdefense.utils.checks import (
+    check_bool,
+    check_budget_list,
+    check_choice,
+    check_finite_float,
+    check_int_in_range,
+    check_names,
+    check_positive_int,
+    optional,
+    parse_eps,
+    validate_config,
+)
+from fragdefense.utils.conventions import parse_budget
 from fragdefense.utils.io import atomic_savefig, atomic_write_json, atomic_write_text
 
-__all__ = ["hessian", "main"]
+__all__ = ["hessian", "main", "check_config", "config_spec"]
 
 log = logging.getLogger("fragdefense.hessian")
+
+
+def _positive_float(v: Any, name: str) -> float:
+    return check_finite_float(v, name, 0.0, lo_open=True)
+
+
+def _positive_list(v: Any, name: str) -> list[float]:
+    vals = check_budget_list(v, name)
+    if min(vals) <= 0:
+        raise ValueError(f"`{name}` must be a non-empty list of numbers > 0, got {list(v)}")
+    return vals
+
+
+def _run_dir(v: Any, name: str) -> str:
+    if not isinstance(v, str) or not Path(v).is_dir():
+        raise FileNotFoundError(f"`{name}` {v!r} is not a directory (a fragdefense-train run with checkpoints/*.ckpt)")
+    return v
+
+
+def config_spec() -> dict[str, Any]:
+    """The check of every key of ``hessian.yaml`` by key (for :func:`~fragdefense.utils.checks.validate_config`)."""
+    budget = lambda v, n: parse_budget(v, n)  # noqa: E731
+    spec = {
+        **common_spec(),
+        "run_dir": optional(_run_dir),
+        "n_images": check_positive_int,
+        "batch_size": check_positive_int,
+        "beta": _positive_float,
+        "figures": check_bool,
+        "compare.fragility": check_bool,
+    }
+    for stage in ("param", "directions", "beta_sweep", "fragility"):
+        spec[f"{stage}.enabled"] = check_bool
+        spec[f"{stage}.tol"] = _positive_float
+    spec.update(
+        {
+            "param.n_samples": check_positive_int,
+            "param.top_k": check_positive_int,
+            "param.lanczos_iters": check_positive_int,
+            "param.trace_matvecs": lambda v, n: check_int_in_range(v, n, 3),
+            "param.density_iters": check_positive_int,
+            "param.density_runs": check_positive_int,
+            "directions.radii": _positive_list,
+            "directions.k_eig": check_positive_int,
+            "directions.n_random": check_positive_int,
+            "directions.topk": check_positive_int,
+            "directions.max_iter": check_positive_int,
+            "beta_sweep.betas": _positive_list,
+            "beta_sweep.objectives": lambda v, n: check_names(v, n, OBJECTIVES),
+            "beta_sweep.n_images": optional(check_positive_int),
+            "beta_sweep.max_iter": check_positive_int,
+            "fragility.objective": lambda v, n: check_choice(v, n, OBJECTIVES),
+            "fragility.eps": budget,
+            "fragility.steps": check_positive_int,
+            "fragility.step_size": optional(budget),
+            "fragility.k": check_positive_int,
+            "fragility.check_every": check_positive_int,
+            "fragility.attack_beta": optional(check_beta),
+            "fragility.max_iter": check_positive_int,
+        }
+    )
+    return spec
+
+
+def check_config(cfg: Any) -> dict[str, Any]:
+    """Every key of ``hessian.yaml`` checked before the model and the data are loaded (types, ranges, choices,
+    paths; :func:`config_spec`), each error naming its key (``n_images``, ``param.n_samples``,
+    ``directions.radii``, ...). Returns the parsed values by key.
+
+    >>> from fragdefense.cli._config import compose_config
+    >>> check_config(compose_config("hessian", ["model_name=small_cnn"]))["fragility.eps"] == 8 / 255
+    True
+    """
+    out = validate_config(cfg, config_spec())
+    require_model_source(cfg, "run_dir", "checkpoints")
+    return out
 
 
 def _checkpoint_list(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -274,17 +363,13 @@ def hessian(cfg: DictConfig) -> dict[str, Any]:
     """
     import_plugins(cfg)
     t0 = time.perf_counter()
+    check_config(cfg)  # every argument, before the model and the data are loaded
     try:
         out_dir = Path(cfg.out_dir)
     except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
         out_dir = Path("runs/hessian") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not any(cfg.get(k) for k in ("checkpoint", "model_name", "run_dir", "checkpoints")):
-        raise ValueError(
-            "give `checkpoint=<.ckpt>`, `model_name=<name> weights_path=<file>`, `run_dir=<train run>` or "
-            "`checkpoints=[...]`"
-        )
     # one W&B run per command, on the global-zero process only (the command is single-process today)
     options = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.get("wandb") is not None and _rank_zero() else None
     run_cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"out_dir": str(out_dir)}), resolve=True)

@@ -24,25 +24,105 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.cli._common import import_plugins
+from fragdefense.cli._common import common_spec, import_plugins, require_model_source
 from fragdefense.cli._common import load_model as _load_model
 from fragdefense.cli._common import resolve_device as _device
 from fragdefense.cli._config import config_dir
 from fragdefense.cli._wandb import log_artifact_file, log_figure, log_markdown_table, log_scalars, wandb_run
 from fragdefense.influence import (
+    INFLUENCE_ATTACKS,
     LastLayerInfluence,
     attack_influence,
     feature_extractor,
     find_head,
     fit_linear_head,
 )
-from fragdefense.utils.checks import parse_eps
+from fragdefense.influence.attack import RANK_BY
+from fragdefense.utils.checks import (
+    check_bool,
+    check_choice,
+    check_finite_float,
+    check_int_in_range,
+    check_names,
+    check_positive_int,
+    optional,
+    parse_eps,
+    validate_config,
+)
+from fragdefense.utils.conventions import parse_budget
 from fragdefense.utils.io import atomic_write_json, atomic_write_text
 
-__all__ = ["influence", "main", "dataset_labels"]
+__all__ = ["influence", "main", "dataset_labels", "check_config", "config_spec"]
 
 log = logging.getLogger("fragdefense.influence")
 HEAD_MODES = ("retrain", "model")
+
+
+def _classes(v: Any, name: str) -> list[Any]:
+    if isinstance(v, (str, int)) or not hasattr(v, "__iter__") or hasattr(v, "keys"):
+        raise TypeError(f"`{name}` must be null or a list of >= 2 class names or ids such as [cat, dog], got {v!r}")
+    v = list(v)
+    if len(v) < 2 or len({str(c) for c in v}) != len(v):
+        raise ValueError(f"`{name}` must list >= 2 distinct classes (names or ids), got {v}")
+    return v
+
+
+def _head(v: Any, name: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError(f"`{name}` must be null or the name of the linear last layer such as 'backbone.fc', got {v!r}")
+    return v
+
+
+def _test_label(v: Any, name: str) -> str:
+    if v is True or v == "true" or v == "True":
+        return "true"
+    if v == "pred":
+        return "pred"
+    raise ValueError(f"`{name}` must be true (the true labels) or pred (the head's predictions), got {v!r}")
+
+
+def config_spec() -> dict[str, Any]:
+    """The check of every key of ``influence.yaml`` by key (for :func:`~fragdefense.utils.checks.validate_config`)."""
+    nonneg = lambda v, n: check_finite_float(v, n, 0.0)  # noqa: E731
+    spec = {
+        **common_spec(),
+        "head": optional(_head),
+        "classes": optional(_classes),
+        "n_train": lambda v, n: check_int_in_range(v, n, 2),
+        "n_test": check_positive_int,
+        "head_mode": lambda v, n: check_choice(v, n, HEAD_MODES),
+        "l2": nonneg,
+        "damping": nonneg,
+        "test_label": _test_label,
+        "batch_size": check_positive_int,
+        "attacks": lambda v, n: check_names(v, n, INFLUENCE_ATTACKS),
+        "attack.eps": lambda v, n: parse_budget(v, n),
+        "attack.step_size": optional(lambda v, n: parse_budget(v, n)),
+        "attack.n_attacked": check_positive_int,
+        "attack.k": check_positive_int,
+        "attack.steps": check_positive_int,
+        "attack.rank_by": lambda v, n: check_choice(v, n, RANK_BY),
+        "figures": check_bool,
+        "n_figure_images": lambda v, n: check_int_in_range(v, n, 0),
+    }
+    return spec
+
+
+def check_config(cfg: Any) -> dict[str, Any]:
+    """Every key of ``influence.yaml`` checked before the model and the data are loaded (types, ranges, choices,
+    paths; :func:`config_spec`), each error naming its key (``n_train``, ``attack.eps``, ``attacks``, ...).
+    Returns the parsed values by key.
+
+    >>> from fragdefense.cli._config import compose_config
+    >>> check_config(compose_config("influence", ["model_name=small_cnn"]))["attack.eps"] == 8 / 255
+    True
+    """
+    out = validate_config(cfg, config_spec())
+    for key in ("attack.n_attacked", "attack.k"):
+        if key in out and "n_train" in out and out[key] > out["n_train"]:
+            raise ValueError(f"`{key}` must be <= `n_train` ({out['n_train']}), got {out[key]}")
+    require_model_source(cfg)
+    return out
 
 
 def dataset_labels(ds: Any) -> torch.Tensor:
@@ -111,6 +191,7 @@ def influence(cfg: DictConfig) -> dict[str, Any]:
     """
     import_plugins(cfg)
     t0 = time.perf_counter()
+    check_config(cfg)  # every argument, before the model and the data are loaded
     try:
         out_dir = Path(cfg.out_dir)
     except Exception:  # noqa: BLE001 - ${hydra:...} outside @hydra.main
@@ -118,15 +199,7 @@ def influence(cfg: DictConfig) -> dict[str, Any]:
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     head_mode = str(cfg.head_mode)
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"`head_mode` must be one of {HEAD_MODES}, got {head_mode!r}")
     eps = parse_eps(cfg.attack.eps)
-    if str(cfg.test_label) not in ("true", "True", "pred"):
-        raise ValueError(f"`test_label` must be 'true' or 'pred', got {cfg.test_label!r}")
-    if not cfg.get("checkpoint") and not cfg.get("model_name"):
-        raise ValueError(
-            "give `checkpoint=<path to a fragdefense-train .ckpt>` or `model_name=<name> weights_path=<file>`"
-        )
     # one W&B run per command, on the global-zero process only (the command is single-process today)
     options = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.get("wandb") is not None and _rank_zero() else None
     run_cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"out_dir": str(out_dir)}), resolve=True)

@@ -24,10 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fragdefense.utils.checks import as_model_dtype, check_batch, check_choice, check_labels
+
 # the package's one eval-mode context (restores every submodule's own flag); importable from here as before
 from fragdefense.utils.conventions import eval_mode
 
-__all__ = ["HessianOperator", "param_hessian", "input_hessian", "OBJECTIVES", "flatten", "unflatten"]
+__all__ = [
+    "HessianOperator",
+    "param_hessian",
+    "input_hessian",
+    "check_model_inputs",
+    "OBJECTIVES",
+    "flatten",
+    "unflatten",
+]
 
 Objective = Literal["logit", "loss"]
 OBJECTIVES: tuple[str, ...] = ("logit", "loss")
@@ -143,6 +153,54 @@ class HessianOperator:
         return f"HessianOperator({self.name}, batch={self.batch}, dim={self.dim}, dtype={self.dtype})"
 
 
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """``model.num_classes`` when the model declares it, else the width of the logits of one input (no grad)."""
+    k = getattr(model, "num_classes", None)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    with eval_mode(model), torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+def check_model_inputs(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor | int | None = None,
+    y: Tensor | None = None,
+    *,
+    unit_range: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The checks of every input-Hessian entry point, before any work: ``x`` a non-empty finite batch (images
+    ``(B, C, H, W)`` in ``[0, 1]`` unless ``unit_range=False``) cast to the model's dtype
+    (:func:`~fragdefense.utils.checks.as_model_dtype`: float64 images on a float32 model run in float32);
+    ``target`` ``None``, an int or ``(B,)`` integer class ids and ``y`` ``None`` or ``(B,)`` labels, both in
+    ``[0, K - 1]`` (``K`` = ``model.num_classes``, else the logits' width of one image). Returns
+    ``(x, target, y)`` with an int target expanded to ``(B,)``.
+
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    >>> x, t, _ = check_model_inputs(net, torch.rand(2, 3, 2, 2, dtype=torch.float64), 1)
+    >>> x.dtype, t.tolist()
+    (torch.float32, [1, 1])
+    >>> check_model_inputs(net, torch.rand(2, 3, 2, 2), 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: `target` must hold class labels in [0, 2], got min 3, max 3
+    """
+    x = as_model_dtype(check_batch(x, "x", unit_range=unit_range), model)
+    b = x.shape[0]
+    if isinstance(target, bool) or (target is not None and not isinstance(target, (int, Tensor))):
+        raise TypeError(f"`target` must be None, an int or a LongTensor of shape ({b},), got {target!r}")
+    if isinstance(target, int):
+        target = torch.full((b,), target, dtype=torch.long, device=x.device)
+    if target is not None or y is not None:
+        k = _num_classes(model, x)
+        if target is not None:
+            check_labels(target, b, k, "target")
+        if y is not None:
+            check_labels(y, b, k, "y")
+    return x, target, y
+
+
 def _params(model: nn.Module, params: Iterable[Tensor] | None) -> list[Tensor]:
     ps = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not ps:
@@ -185,7 +243,13 @@ def param_hessian(
     dtype, device = ps[0].dtype, ps[0].device
     ctx = eval_mode(model) if eval else contextlib.nullcontext()
     if data is not None:
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError(f"`data` must be one batch (x, y), got {type(data).__name__}")
         x, y = data
+        # inputs of any range (the loss need not be on [0, 1] images), non-empty and finite, in the model's dtype
+        x = as_model_dtype(check_batch(x, "x", unit_range=False), model)
+        if loss_fn is F.cross_entropy:
+            check_labels(y, x.shape[0], _num_classes(model, x), "y")
         with ctx, torch.enable_grad():
             grads = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True)
 
@@ -252,6 +316,10 @@ def input_hessian(
         backend: ``"autograd"``: the input gradient's graph is built once and every product is one backward
             pass; ``"func"``: ``torch.func.jvp(torch.func.grad(f))`` (forward-over-reverse, recomputed per product).
 
+    Checked before any work (:func:`check_model_inputs`): a non-empty batch of images in ``[0, 1]`` (float64
+    images run in the model's dtype), ``target`` / ``y`` class ids of the model's classes, ``objective``,
+    ``backend``.
+
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Softplus(), nn.Linear(6, 3))
         >>> x = torch.rand(2, 3, 2, 2)
@@ -259,17 +327,12 @@ def input_hessian(
         >>> op.batch, op.dim, op(torch.randn(2, 12)).shape
         (2, 12, torch.Size([2, 12]))
     """
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise ValueError(
-            f"`x` must be a batch of inputs (B, ...), e.g. images (B, C, H, W); got {getattr(x, 'shape', x)}"
-        )
+    check_choice(objective, "objective", OBJECTIVES)
+    check_choice(backend, "backend", ("autograd", "func"))
+    if objective == "loss" and y is None:
+        raise ValueError("objective 'loss' needs the labels `y` (B,)")
+    x, target, y = check_model_inputs(model, x, target, y)
     b = x.shape[0]
-    if isinstance(target, int):
-        target = torch.full((b,), target, dtype=torch.long, device=x.device)
-    if target is not None and (not isinstance(target, Tensor) or target.shape != (b,)):
-        raise ValueError(f"`target` must be None, an int or a LongTensor of shape ({b},), got {target!r}")
-    if y is not None and (not isinstance(y, Tensor) or y.shape != (b,)):
-        raise ValueError(f"`y` must be a LongTensor of shape ({b},), got {getattr(y, 'shape', y)}")
     x0 = x.detach()
     shape = x0.shape
     if target is None and objective == "logit":

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from fragdefense.attributions import to_map
 from fragdefense.hessian.eigen import EigenResult, Which, lanczos
-from fragdefense.hessian.hvp import Objective, eval_mode, input_hessian
+from fragdefense.hessian.hvp import OBJECTIVES, Objective, check_model_inputs, eval_mode, input_hessian
 from fragdefense.metrics import functional as MF
 from fragdefense.models.surrogate import softplus_surrogate
-from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.checks import check_choice, check_finite_float, check_images, check_int_in_range
 from fragdefense.utils.conventions import make_generator, parse_budget
 
 __all__ = [
@@ -201,8 +201,7 @@ def map_change_along_directions(
         >>> p.metrics["grad_change"].shape, p.kinds
         (torch.Size([3, 4, 1]), ['eig1+', 'eig1-', 'random', 'random'])
     """
-    if not isinstance(x, Tensor) or x.ndim != 4:
-        raise ValueError(f"`x` must be images (B, C, H, W), got {getattr(x, 'shape', x)}")
+    x, target, _ = check_model_inputs(model, check_images(x, "x"), target)
     k_eig = check_int_in_range(k_eig, "k_eig", 1)
     n_random = check_int_in_range(n_random, "n_random", 1)
     radii = [parse_budget(r, "radii") for r in radii]  # L2 lengths in pixel units: numbers or "8/255"
@@ -285,9 +284,14 @@ def eigenvalues_vs_beta(
         >>> len(out["eigenvalues"]), len(out["eigenvalues"][0])
         (2, 2)
     """
+    check_choice(objective, "objective", OBJECTIVES)
     which = which or ("LM" if objective == "logit" else "LA")
-    if not betas or min(float(b) for b in betas) <= 0:
-        raise ValueError(f"`betas` must be a non-empty list of numbers > 0, got {list(betas)}")
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or not betas:
+        raise ValueError(f"`betas` must be a non-empty list of numbers > 0, got {betas!r}")
+    betas = [check_finite_float(b, "betas", 0.0, lo_open=True) for b in betas]
+    if objective == "loss" and y is None:
+        raise ValueError("objective 'loss' needs the labels `y` (B,)")
+    x, target, y = check_model_inputs(model, check_images(x, "x"), target, y)
     x = x.detach()
     if target is None and objective == "logit":
         target = _predicted(model, x)
@@ -350,6 +354,11 @@ def fragility_vs_curvature(
     """
     from fragdefense.attacks import attack_interpretation
 
+    check_choice(objective, "objective", OBJECTIVES)
+    check_finite_float(beta, "beta", 0.0, lo_open=True)
+    if y is None:
+        raise ValueError("`y` must be a LongTensor of labels (B,): only correctly classified images are attacked")
+    x, _, y = check_model_inputs(model, check_images(x, "x"), None, y)
     opts: dict[str, Any] = {"eps": 8 / 255, "steps": 30, "step_size": 0.5 / 255, "k": 100, "beta": beta}
     opts.update(attack or {})
     x = x.detach()

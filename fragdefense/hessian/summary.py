@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fragdefense.hessian.eigen import lanczos
-from fragdefense.hessian.hvp import param_hessian
+from fragdefense.hessian.hvp import check_model_inputs, param_hessian
 from fragdefense.hessian.probes import fragility_vs_curvature, input_top_eigen, spearman_1d, surrogate
 from fragdefense.hessian.trace import hutchpp
+from fragdefense.utils.checks import check_images, check_int_in_range
 
 __all__ = ["hessian_snapshot", "fragility_summary"]
 
@@ -51,6 +52,19 @@ def hessian_snapshot(
         >>> sorted(out)
         ['input_lambda_max_mean', 'input_lambda_max_median', 'param_top_eig', 'param_trace', 'param_trace_stderr']
     """
+    # every argument checked before any work: images in [0, 1] (float64 run in the model's dtype), labels in range
+    x, _, y = check_model_inputs(model, check_images(x, "x"), None, y)
+    for v, name, lo in (
+        (n_param_samples, "n_param_samples", 0),
+        (top_k, "top_k", 1),
+        (lanczos_iters, "lanczos_iters", 1),
+        (trace_matvecs, "trace_matvecs", 0),
+        (n_input, "n_input", 0),
+        (input_iters, "input_iters", 1),
+    ):
+        check_int_in_range(v, name, lo)
+    if batch_size is not None:
+        check_int_in_range(batch_size, "batch_size", 1)
     out: dict[str, float] = {}
     if n_param_samples:
         xs, ys = x[:n_param_samples], y[:n_param_samples]
@@ -96,6 +110,8 @@ def fragility_summary(
     """:func:`~fragdefense.hessian.probes.fragility_vs_curvature` over ``(x, y)`` in chunks of ``batch_size``,
     joined: per-image ``lambda_max``, ``grad_norm``, ``topk_intersection``, ``map_spearman`` (attacked images),
     counts, means and the Spearman correlations of curvature with fragility."""
+    x, _, y = check_model_inputs(model, check_images(x, "x"), None, y)
+    check_int_in_range(batch_size, "batch_size", 1)
     parts = [
         fragility_vs_curvature(
             model, xb, yb, beta=beta, objective=objective, attack=attack, max_iter=max_iter, tol=tol, generator=seed

@@ -28,7 +28,7 @@ from torch import Tensor
 from fragdefense.attacks.pgd import pgd_attack
 from fragdefense.influence.last_layer import LastLayerInfluence
 from fragdefense.metrics import functional as MF
-from fragdefense.utils.checks import check_images, check_int_in_range
+from fragdefense.utils.checks import as_model_dtype, check_choice, check_images, check_int_in_range, check_labels
 from fragdefense.utils.conventions import make_generator, parse_budget, resolve_step_size
 
 __all__ = ["attack_influence", "influence_scores", "rank_scores", "InfluenceAttackResult", "INFLUENCE_ATTACKS"]
@@ -44,13 +44,10 @@ def rank_scores(influence: Tensor, rank_by: str = "helpful") -> Tensor:
     >>> rank_scores(torch.tensor([[-2.0, 1.0]]), "helpful"), rank_scores(torch.tensor([[-2.0, 1.0]]), "abs")
     (tensor([[ 2., -1.]]), tensor([[2., 1.]]))
     """
+    check_choice(rank_by, "rank_by", RANK_BY)
     if rank_by == "helpful":
         return -influence
-    if rank_by == "harmful":
-        return influence
-    if rank_by == "abs":
-        return influence.abs()
-    raise ValueError(f"unknown `rank_by`={rank_by!r}; expected one of {RANK_BY}")
+    return influence if rank_by == "harmful" else influence.abs()
 
 
 def influence_scores(
@@ -63,8 +60,12 @@ def influence_scores(
 ) -> tuple[Tensor, Tensor]:
     """Influence vectors ``(B, N)`` of images ``x`` and the head's predicted labels ``(B,)`` (no grad).
 
-    ``y`` (the labels in the test loss) defaults to the predicted labels.
+    ``y`` (the labels in the test loss) defaults to the predicted labels. Checked up front: ``x`` a non-empty
+    batch of images in ``[0, 1]`` (run in the dtype of ``features``' parameters), ``y`` integer labels in
+    ``[0, influence.n_classes - 1]``.
     """
+    x = _checked_inputs(features, influence, x, y)
+    check_int_in_range(batch_size, "batch_size", 1)
     outs, preds = [], []
     with torch.no_grad():
         for s in range(0, len(x), batch_size):
@@ -74,6 +75,17 @@ def influence_scores(
             outs.append(influence.influence(phi, yb))
             preds.append(pred)
     return torch.cat(outs), torch.cat(preds)
+
+
+def _checked_inputs(features: Callable[[Tensor], Tensor], influence: LastLayerInfluence, x: Tensor, y: Any) -> Tensor:
+    """``x`` checked (non-empty images in ``[0, 1]``) and cast to the features' dtype; ``y`` ``None`` or labels of
+    the head's classes."""
+    if not isinstance(influence, LastLayerInfluence):
+        raise TypeError(f"`influence` must be a fitted LastLayerInfluence, got {type(influence).__name__}")
+    x = as_model_dtype(check_images(x, "x"), features)
+    if y is not None:
+        check_labels(y, x.shape[0], influence.n_classes, "y")
+    return x
 
 
 @dataclass
@@ -163,6 +175,10 @@ def attack_influence(
         generator: random source of ``random_sign``: ``None`` (global RNG), an ``int`` seed or a generator.
         batch_size: images per batch.
 
+    Every argument is checked before any work (images non-empty and in ``[0, 1]``, float64 images run in the
+    dtype of ``features``' parameters; ``y`` integer labels of the head's classes; ``attack``, ``rank_by``,
+    ``n_attacked``, ``k``, ``steps``, ``batch_size``, ``eps``).
+
     Example:
         >>> from torch import nn
         >>> from fragdefense.influence import fit_linear_head
@@ -176,11 +192,10 @@ def attack_influence(
         >>> res.spearman.shape, res.topk_kept.shape, bool((res.x_adv >= 0).all())
         (torch.Size([4]), torch.Size([4]), True)
     """
-    check_images(x, "x")
+    x = _checked_inputs(features, influence, x, y)
     eps = parse_budget(eps, "eps")
-    if attack not in INFLUENCE_ATTACKS:
-        raise ValueError(f"unknown `attack`={attack!r}; expected one of {INFLUENCE_ATTACKS}")
-    rank_scores(torch.zeros(1, 1), rank_by)  # validates rank_by
+    check_choice(attack, "attack", INFLUENCE_ATTACKS)
+    check_choice(rank_by, "rank_by", RANK_BY)
     n_train = influence.n_train
     check_int_in_range(n_attacked, "n_attacked", 1, n_train)
     check_int_in_range(k, "k", 1, n_train)
@@ -189,8 +204,6 @@ def attack_influence(
     # one step: the paper's step of size eps (any larger L-inf step projects to the same point)
     step = eps if step_size is None and steps == 1 else resolve_step_size(step_size, eps, steps)
     generator = make_generator(generator, x.device)
-    if y is not None and (not isinstance(y, Tensor) or y.shape != (len(x),)):
-        raise ValueError(f"`y` must be None or a ({len(x)},) tensor of labels, got {getattr(y, 'shape', y)}")
 
     parts: dict[str, list[Tensor]] = {}
     for s in range(0, len(x), batch_size):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fragdefense.utils.checks import check_labels
+
 __all__ = ["LastLayerInfluence", "fit_linear_head", "find_head", "feature_extractor", "features_and_logits"]
 
 
@@ -43,17 +45,6 @@ def _check_features(phi: Tensor, name: str, dim: int | None = None) -> Tensor:
     if not bool(torch.isfinite(phi).all()):
         raise ValueError(f"`{name}` contains NaN or Inf")
     return phi
-
-
-def _check_labels(y: Tensor, n: int, n_classes: int, name: str) -> Tensor:
-    if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != n:
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"`{name}` must be a 1-D tensor of {n} integer labels, got {shape}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer class labels, got dtype {y.dtype}")
-    if n and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(f"`{name}` must be in [0, {n_classes - 1}], got min {int(y.min())}, max {int(y.max())}")
-    return y
 
 
 def _augment(phi: Tensor, bias: bool) -> Tensor:
@@ -184,7 +175,7 @@ class LastLayerInfluence:
     def fit(self, train_features: Tensor, train_labels: Tensor) -> LastLayerInfluence:
         """Cache the training set (features + residuals) and factor the Hessian. Returns ``self``."""
         _check_features(train_features, "train_features", self.in_dim)
-        _check_labels(train_labels, len(train_features), self.n_classes, "train_labels")
+        check_labels(train_labels, len(train_features), self.n_classes, "train_labels")
         if len(train_features) == 0:
             raise ValueError("`train_features` is empty; give at least one training point")
         dev = self.weight.device
@@ -226,7 +217,7 @@ class LastLayerInfluence:
         ``(T, k)`` (the listed training points only). Differentiable in ``test_features`` (the attack)."""
         self._require_fit()
         _check_features(test_features, "test_features", self.in_dim)
-        _check_labels(test_labels, len(test_features), self.n_classes, "test_labels")
+        check_labels(test_labels, len(test_features), self.n_classes, "test_labels")
         dev = self.weight.device
         test_features, test_labels = test_features.to(dev), test_labels.to(dev)
         t = len(test_features)
@@ -297,7 +288,7 @@ def fit_linear_head(
         raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}")
     if binary and num_classes != 2:
         raise ValueError(f"`binary=True` needs num_classes == 2, got {num_classes}")
-    _check_labels(labels, len(features), num_classes, "labels")
+    check_labels(labels, len(features), num_classes, "labels")
     if not float(l2) >= 0:
         raise ValueError(f"`l2` must be >= 0, got {l2!r}")
     c = 1 if binary else num_classes
@@ -404,4 +395,5 @@ def feature_extractor(model: nn.Module, head: str | nn.Module | None = None) -> 
     def fn(x: Tensor) -> Tensor:
         return features_and_logits(model, x, mod)[0]
 
+    fn.parameters = model.parameters  # type: ignore[attr-defined]  # the dtype rule (checks.as_model_dtype)
     return fn

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from fragdefense.influence import solvers as S
+from fragdefense.utils.checks import check_batch, check_choice, check_labels
 from fragdefense.utils.conventions import eval_mode as _eval_mode  # the package's one eval-mode context
 
 __all__ = ["ParameterInfluence", "select_parameters"]
@@ -98,8 +99,7 @@ class ParameterInfluence:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        if solver not in S.SOLVERS:
-            raise ValueError(f"unknown `solver`={solver!r}; expected one of {S.SOLVERS}")
+        check_choice(solver, "solver", S.SOLVERS)
         for v, name in ((damping, "damping"), (l2, "l2")):
             if not (float(v) >= 0.0):
                 raise ValueError(f"`{name}` must be a number >= 0, got {v!r}")
@@ -163,20 +163,36 @@ class ParameterInfluence:
                 out.append(g(self.theta, xb, yb).detach())
         return torch.cat(out) if out else torch.empty(0, self.num_params, dtype=self.dtype, device=self.device)
 
-    def _check_xy(self, x: Tensor, y: Tensor) -> None:
+    def _check_xy(self, x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> None:
+        """Inputs and targets, before any work: a non-empty finite floating batch (images: any range, the loss need
+        not be on [0, 1] images), one target per input; with the default cross-entropy, integer labels in
+        ``[0, K - 1]`` (``K`` from one forward pass of a single input)."""
+        nx, ny = names
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise TypeError("`x` and `y` must be torch.Tensors (inputs with a leading sample dimension, targets)")
+            raise TypeError(
+                f"`{nx}` and `{ny}` must be torch.Tensors (inputs with a leading sample dimension, targets)"
+            )
         if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
-                f"`x` and `y` must have the same number of samples, got {tuple(x.shape)}, {tuple(y.shape)}"
+                f"`{nx}` and `{ny}` must have the same number of samples, got {tuple(x.shape)}, {tuple(y.shape)}"
             )
+        if x.is_floating_point():
+            check_batch(x if x.ndim > 1 else x[:, None], nx, unit_range=False)
+        if self.loss_fn is _cross_entropy:
+            with torch.no_grad(), _eval_mode(self.model):
+                k = int(
+                    functional_call(
+                        self.model, {**self._frozen, **self._unflatten(self.theta)}, (self._cast_x(x[:1]),)
+                    ).shape[-1]
+                )
+            check_labels(y, x.shape[0], k, ny)
 
     # --- Hessian ------------------------------------------------------------------------------------------
     def fit(self, x_train: Tensor, y_train: Tensor) -> ParameterInfluence:
         """Cache the training set's per-sample gradients and prepare the solver. Returns ``self``."""
-        self._check_xy(x_train, y_train)
-        if len(x_train) == 0:
+        if isinstance(x_train, Tensor) and x_train.ndim >= 1 and len(x_train) == 0:
             raise ValueError("`x_train` is empty; give at least one training point")
+        self._check_xy(x_train, y_train, ("x_train", "y_train"))
         self.x_train, self.y_train = self._cast_x(x_train), y_train.to(self.device)
         self.train_gradients = self.per_sample_gradients(self.x_train, self.y_train)
         self._fitted = True
@@ -269,6 +285,7 @@ class ParameterInfluence:
     def influence(self, x_test: Tensor, y_test: Tensor) -> Tensor:
         """``(T, N)``: ``I(z_j, z_t) = -grad L(z_t)^T H^-1 grad L(z_j)`` (cached training gradients)."""
         self._require_fit()
+        self._check_xy(x_test, y_test, ("x_test", "y_test"))
         v = self.inverse_hvp(self.per_sample_gradients(x_test, y_test))
         return -(v @ self.train_gradients.T)
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fragdefense.models.batchnorm import double_backward_batchnorm_
-from fragdefense.utils.checks import check_int_in_range
+from fragdefense.utils.checks import as_model_dtype, check_images, check_int_in_range, check_labels, check_probability
 
 # the one eval-mode context of the package (restores every submodule's own flag); re-exported here so that
 # ``fragdefense.regularizers.eval_mode`` keeps working. Adversarial examples for training are generated in
@@ -257,12 +257,24 @@ def regularized_loss(
     >>> out = regularized_loss(net, InputGradient(weight=0.1), torch.rand(2, 3, 4, 4), torch.tensor([0, 2]))
     >>> bool(out.loss > out.task), sorted(out.logs)
     (True, ['input_grad'])
+
+    Checked before any work: ``x`` a non-empty batch of images in ``[0, 1]`` (float64 images run in the model's
+    dtype, :func:`~fragdefense.utils.checks.as_model_dtype`), ``y`` one integer label per image in
+    ``[0, K - 1]`` (``K`` = ``model.num_classes`` when the model has it, else the logits' width, checked on the
+    task forward pass before the loss), ``label_smoothing`` in ``[0, 1]``.
     """
+    x = as_model_dtype(check_images(x, "x"), model)
+    k = getattr(model, "num_classes", None)
+    k = k if isinstance(k, int) and not isinstance(k, bool) else None
+    y = check_labels(y, x.shape[0], k, "y")
+    label_smoothing = check_probability(label_smoothing, "label_smoothing")
     reg = regularizer
     x_train = reg.training_input(model, x, y) if reg is not None else x
     if reg is not None and reg.needs_input_grad:
         x_train = x_train.detach().requires_grad_(True)
     logits = model(x_train)
+    if k is None:
+        check_labels(y, x.shape[0], logits.shape[-1], "y")
     task = nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
     term, logs = (None, {}) if reg is None else reg.loss_terms(model, x, x_train, y, logits, epoch)
     loss = task if term is None else task + term
