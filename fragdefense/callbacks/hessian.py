@@ -15,12 +15,19 @@ It runs in eval mode, restores every submodule's train/eval flag and the RNG sta
 (:func:`~fragdefense.callbacks.fragility.preserve_training_state`), differentiates with ``torch.autograd.grad``
 only (no ``.grad`` is touched) and never sees the optimizer, so training is unchanged. ``history`` keeps one
 dict per evaluation; with ``history_json`` it is also written to the run directory (plotted by
-``fragdefense-hessian run_dir=...``).
+``fragdefense-hessian run_dir=...``). The history is part of the callback's checkpoint state, so a resumed run's
+JSON holds every evaluation once (the evaluation runs at the end of the epoch's validation, before that epoch's
+checkpoint is written; without validation at ``on_train_epoch_end``). An evaluation can take minutes: it logs a
+line per stage and a heartbeat every ``progress_every`` seconds (logger ``fragdefense.callbacks.hessian``).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,33 @@ from fragdefense.hessian.summary import hessian_snapshot
 __all__ = ["HessianMonitor", "hessian_snapshot"]
 
 _PREFIX = "hessian/"
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _progress(label: str, every: float | None) -> Iterator[None]:
+    """Log ``label`` at the start, ``label ... <t> s`` every ``every`` seconds while the block runs (a daemon
+    thread: the computation itself has no hook), and its duration at the end; ``every=None``: silent."""
+    if every is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    log.info("%s ...", label)
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            log.info("%s ... %.0f s", label, time.perf_counter() - t0)
+
+    th = threading.Thread(target=beat, daemon=True, name="hessian-progress")
+    th.start()
+    try:
+        yield
+    finally:
+        done.set()
+        th.join()
+    log.info("%s done in %.1f s", label, time.perf_counter() - t0)
 
 
 def _int(v: Any, name: str, lo: int) -> int:
@@ -63,6 +97,8 @@ class HessianMonitor(L.Callback):
         probe_seed: seed of the loader's RNGs while the probe is read.
         model: the network (``None``: ``pl_module.model`` if it is an ``nn.Module``, else the LightningModule;
             an attribute path such as ``"net"``; or a callable ``pl_module -> nn.Module``).
+        progress_every: seconds between the progress lines of an evaluation (a line per stage and a heartbeat;
+            logger ``fragdefense.callbacks.hessian`` at INFO); ``None``: silent.
 
     Example:
         >>> mon = HessianMonitor(every_n_epochs=2, n_input=16)
@@ -86,6 +122,7 @@ class HessianMonitor(L.Callback):
         probe: ImageSource | None = None,
         probe_seed: int = 0,
         model: NetworkSpec = None,
+        progress_every: float | None = 10.0,
     ) -> None:
         super().__init__()
         self.every_n_epochs = _int(every_n_epochs, "every_n_epochs", 1)
@@ -104,6 +141,12 @@ class HessianMonitor(L.Callback):
         self.probe = probe
         self.probe_seed = _int(probe_seed, "probe_seed", 0)
         self.model = check_network_spec(model, "HessianMonitor")
+        if progress_every is not None and not (
+            isinstance(progress_every, (int, float)) and not isinstance(progress_every, bool) and progress_every > 0
+        ):
+            raise ValueError(f"`progress_every` must be a number of seconds > 0 or None, got {progress_every!r}")
+        self.progress_every = None if progress_every is None else float(progress_every)
+        self._evaluated_epoch: int | None = None
         #: one dict per evaluation: {"epoch", "global_step", <metric>: value, "seconds"}
         self.history: list[dict[str, float]] = []
         self.json_path: Path | None = None
@@ -116,29 +159,52 @@ class HessianMonitor(L.Callback):
             self._probe = (batch["x"], batch["y"])
         return self._probe
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """The summary of ``model`` on ``(x, y)`` with this monitor's settings (no prefix)."""
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, label: str = "") -> dict[str, float]:
+        """The summary of ``model`` on ``(x, y)`` with this monitor's settings (no prefix); ``label`` prefixes the
+        progress lines (e.g. ``"epoch 3"``).
+
+        The parameter and the input Hessian run as two stages, each with its own progress line; every stage seeds
+        its own random vectors with ``seed``, so the values are those of one
+        :func:`~fragdefense.hessian.summary.hessian_snapshot` call.
+        """
         t0 = time.perf_counter()
-        out = hessian_snapshot(
-            model,
-            x,
-            y,
-            n_param_samples=self.n_param_samples,
-            top_k=self.top_k,
-            lanczos_iters=self.lanczos_iters,
-            trace_matvecs=self.trace_matvecs,
-            n_input=self.n_input,
-            input_iters=self.input_iters,
-            beta=self.beta,
-            tol=self.tol,
-            seed=self.seed,
-        )
+        kw = dict(top_k=self.top_k, lanczos_iters=self.lanczos_iters, trace_matvecs=self.trace_matvecs)
+        kw.update(input_iters=self.input_iters, beta=self.beta, tol=self.tol, seed=self.seed)
+        head = f"Hessian probe{f' ({label})' if label else ''}"
+        out: dict[str, float] = {}
+        if self.n_param_samples:
+            n = min(self.n_param_samples, len(x))
+            what = f"top-{self.top_k} eigenvalue (<= {self.lanczos_iters} Lanczos iterations)"
+            if self.trace_matvecs:
+                what += f" and trace ({max(3, self.trace_matvecs)} Hutch++ products)"
+            with _progress(f"{head}: parameter Hessian, {what} on {n} images", self.progress_every):
+                out.update(hessian_snapshot(model, x, y, n_param_samples=self.n_param_samples, n_input=0, **kw))
+        if self.n_input:
+            n = min(self.n_input, len(x))
+            label_in = f"{head}: input Hessian lambda_max of {n} images (<= {self.input_iters} Lanczos iterations)"
+            with _progress(label_in, self.progress_every):
+                out.update(hessian_snapshot(model, x, y, n_param_samples=0, n_input=self.n_input, **kw))
         out["seconds"] = time.perf_counter() - t0
         return out
 
+    # --- Lightning hooks: evaluate at the end of the epoch's validation (before that epoch's checkpoint) ------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._get_probe(trainer)  # read outside of inference mode
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or str(getattr(trainer.state.fn, "value", trainer.state.fn)) != "fit":
+            return
+        if not getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", True):
+            return  # a mid-epoch validation: wait for the end-of-epoch one
+        self._maybe_run(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._maybe_run(trainer, pl_module)  # epochs without (end-of-epoch) validation
+
+    def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = int(trainer.current_epoch)
-        if (epoch + 1) % self.every_n_epochs:
+        if (epoch + 1) % self.every_n_epochs or self._evaluated_epoch == epoch:
             return
         x, y = self._get_probe(trainer)
         if len(y) == 0:
@@ -146,9 +212,22 @@ class HessianMonitor(L.Callback):
         net = resolve_network(pl_module, self.model, "HessianMonitor")
         p = next(iter(net.parameters()), None)
         device = p.device if p is not None else pl_module.device
-        with preserve_training_state(pl_module, device), preserve_training_state(net), torch.inference_mode(False):
-            net.eval()
-            out = self.evaluate(net, x.to(device), y.to(device))
+        quiet = not trainer.is_global_zero
+        every, self.progress_every = self.progress_every, None if quiet else self.progress_every
+        try:
+            with (
+                preserve_training_state(pl_module, device),
+                preserve_training_state(net),
+                torch.inference_mode(False),  # (validation runs in inference mode)
+                torch.enable_grad(),
+            ):
+                net.eval()
+                xs, ys = x.to(device).clone(), y.to(device).clone()  # normal tensors, not inference tensors
+                out = self.evaluate(net, xs, ys, label=f"epoch {epoch}")
+        finally:
+            self.progress_every = every
+        self._evaluated_epoch = epoch
+        self.history = [h for h in self.history if h["epoch"] != epoch]  # (a re-run epoch replaces its entry)
         self.history.append({"epoch": epoch, "global_step": int(trainer.global_step), **out})
         pl_module.log_dict(
             {_PREFIX + k: float(v) for k, v in out.items()},
@@ -157,6 +236,15 @@ class HessianMonitor(L.Callback):
             sync_dist=True,
             reduce_fx="max",
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluation history (saved in checkpoints, so a resumed run continues it)."""
+        return {"history": [dict(h) for h in self.history], "evaluated_epoch": self._evaluated_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (resuming a run)."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._evaluated_epoch = state_dict.get("evaluated_epoch")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.history_json or not trainer.is_global_zero or not self.history:

@@ -234,6 +234,16 @@ class InfluenceMonitor(L.Callback):
         if self._due(trainer.current_epoch) and self._evaluated_epoch != trainer.current_epoch:
             self._run_and_log(trainer, pl_module)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The evaluated epoch and the PNGs written so far (saved in checkpoints; the metrics themselves live in
+        the loggers), so a resumed run neither repeats an evaluation nor forgets its figures."""
+        return {"evaluated_epoch": self._evaluated_epoch, "png_paths": [str(p) for p in self.png_paths]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (resuming a run)."""
+        self._evaluated_epoch = state_dict.get("evaluated_epoch")
+        self.png_paths = [Path(p) for p in state_dict.get("png_paths", [])]
+
     # --- helpers -------------------------------------------------------------------------------------------
     def _due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every_n_epochs == 0

@@ -1,7 +1,9 @@
 """One W&B run per command (``fragdefense-eval``, ``-influence``, ``-hessian``), with the training's rule: online
 with an API key and a reachable server, else offline (``wandb sync <out_dir>/wandb/offline-run-*`` uploads
 later); ``wandb.mode=disabled`` turns it off. A rerun in the same ``out_dir`` continues the same run (its id is
-kept in ``<out_dir>/wandb_id.txt``)."""
+kept in ``<out_dir>/wandb_id.txt``). An unreachable server never hangs a command: online is preceded by a 3 s
+reachability probe, wandb's own start-up is limited (``init_timeout``), and either failure logs offline with a
+warning saying how to upload later."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fragdefense.lit.loggers import resolve_wandb_mode
+from fragdefense.lit.loggers import resolve_wandb_mode, wandb_settings
 
 __all__ = [
     "start_wandb_run",
@@ -45,29 +47,44 @@ def start_wandb_run(
             (auto | online | offline | disabled).
     """
     opts = dict(options or {})
-    mode = resolve_wandb_mode(str(opts.pop("mode", "auto")))
+    mode = resolve_wandb_mode(str(opts.pop("mode", "auto")), out_dir)
     if mode == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     id_file = out / "wandb_id.txt"
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     if not id_file.is_file():
         id_file.write_text(run_id)
     tags = [str(t) for t in (opts.pop("tags", None) or [])]
-    run = wandb.init(
+    kw = dict(
         dir=str(out),
         id=run_id,
         resume="allow",
-        mode=mode,
         job_type=job_type,
         config=dict(config or {}),
         tags=tags,
         project=opts.pop("project", None) or "fragdefense",
         **{k: v for k, v in opts.items() if v is not None},
     )
+    kw.setdefault("settings", wandb_settings())
+    try:
+        run = wandb.init(mode=mode, **kw)
+    except Exception as e:  # noqa: BLE001 - wandb raises its own error types (CommError, timeouts)
+        if mode != "online":
+            raise
+        log.warning(
+            "W&B: the online start failed (%s: %s); logging OFFLINE instead. Upload later with: wandb sync %s",
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+            out / "wandb" / "offline-run-*",
+        )
+        mode = "offline"
+        wandb.teardown()  # the failed start still holds the run id in wandb's service
+        run = wandb.init(mode=mode, **kw)
     log.info("W&B run %s (%s) in %s", run.id, mode, out / "wandb")
     return run
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from fragdefense.callbacks import FragilityMonitor
+from fragdefense.callbacks import FragilityMonitor, HessianMonitor
 from fragdefense.cli._common import import_plugins
 from fragdefense.cli._config import config_dir
 from fragdefense.models import model_config_for_checkpoint
-from fragdefense.utils.io import atomic_write_json, atomic_write_text
+from fragdefense.utils.io import RunDirLock, atomic_write_json, atomic_write_text
 
 __all__ = ["train", "main"]
 
@@ -48,18 +50,225 @@ def _scalar(v: Any) -> Any:
     return v.item() if isinstance(v, torch.Tensor) else v
 
 
-def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``ckpt_path`` when given; with ``resume=auto`` the run directory's ``checkpoints/last.ckpt`` if present."""
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint's contents (tensors memory-mapped, not read) or ``(None, reason)`` when it cannot be read
+    (truncated or corrupted by a kill during the write, not a zip archive, unpicklable)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # CRC of every member: catches truncation and torn writes
+        if bad is not None:
+            return None, f"member {bad!r} fails its CRC check"
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - zipfile, pickle and torch raise many types for a broken file
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        return None, "not a Lightning checkpoint (no state_dict)"
+    return ckpt, ""
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """``(path, contents)`` of the checkpoint to resume from: ``ckpt_path`` when given; with ``resume=auto`` the
+    run directory's ``checkpoints/last.ckpt`` if present. An unreadable ``last.ckpt`` (a kill during its write) is
+    renamed ``last.ckpt.corrupt-<time>`` (kept, not deleted) and the newest readable checkpoint of ``checkpoints/``
+    is used instead, with a warning naming both; an unreadable ``ckpt_path`` is an error naming it."""
     if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
+        path = Path(str(cfg.ckpt_path))
+        if not path.is_file():
+            raise FileNotFoundError(f"`ckpt_path`={str(path)!r} does not exist; give a fragdefense-train .ckpt file")
+        ckpt, why = _read_checkpoint(path)
+        if ckpt is None:
+            raise ValueError(
+                f"`ckpt_path`={str(path)!r} cannot be read ({why}); it is truncated or corrupted. Give another "
+                "checkpoint (e.g. a best-*.ckpt of the same run) or start from scratch without ckpt_path"
+            )
+        return str(path), ckpt
     mode = cfg.get("resume", "never")
     if mode not in ("auto", "never"):
         raise ValueError(f"`resume` must be 'auto' or 'never', got {mode!r}")
     last = run_dir / "checkpoints" / "last.ckpt"
-    if mode == "auto" and last.is_file():
+    if mode != "auto" or not last.is_file():
+        return None, None
+    ckpt, why = _read_checkpoint(last)
+    if ckpt is not None:
         log.info("resuming from %s (resume=auto)", last)
-        return str(last)
-    return None
+        return str(last), ckpt
+    kept = last.with_name(f"last.ckpt.corrupt-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    os.replace(last, kept)
+    candidates = []
+    for p in (run_dir / "checkpoints").glob("*.ckpt"):
+        c, _ = _read_checkpoint(p)
+        if c is not None:
+            candidates.append((int(c.get("global_step", -1)), p.stat().st_mtime, p, c))
+    if not candidates:
+        raise RuntimeError(
+            f"cannot resume: {last} is unreadable ({why}; kept as {kept.name}) and {last.parent} holds no other "
+            "readable checkpoint. Start over in this run_dir with resume=never (the old files stay), or give "
+            "ckpt_path=<a readable checkpoint>"
+        )
+    step, _, path, c = max(candidates, key=lambda t: (t[0], t[1]))
+    msg = (
+        f"RESUME FALLBACK: {last} is unreadable ({why}); it is kept as {kept}. Resuming from the newest readable "
+        f"checkpoint {path} (epoch {int(c.get('epoch', -1)) + 1} done, step {step}): the epochs after it are trained "
+        "again"
+    )
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return str(path), c
+
+
+def _check_schedule_resume(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
+    """Refuse, before any data is read, to resume a OneCycle schedule planned for another length (its shape
+    depends on the total number of steps; the checkpoint records the trainer's max_epochs / max_steps)."""
+    name = (cfg.module.get("scheduler") or {}).get("name")
+    planned = ckpt.get("fragdefense_schedule") or {}
+    if name != "onecycle" or planned.get("name") != "onecycle":
+        return
+    for key in ("max_epochs", "max_steps"):
+        old, new = planned.get(key), cfg.trainer.get(key, -1 if key == "max_steps" else None)
+        if old is not None and new is not None and int(old) != int(new):
+            raise ValueError(
+                f"cannot resume: the checkpoint's OneCycle learning-rate schedule (`module.scheduler.name`="
+                f"'onecycle') was planned for trainer.{key}={old} ({planned.get('total_steps')} steps), this run asks "
+                f"`trainer.{key}`={new}. OneCycle's shape depends on the total length, so it cannot be extended or "
+                f"shortened. Resume with trainer.{key}={old}, start a new run_dir (or resume=never), or train with "
+                "an epoch-count-independent schedule (module.scheduler.name=step, or cosine, which is re-stretched "
+                "over the new length)"
+            )
+
+
+class _FitStarted(L.Callback):
+    """Records whether ``Trainer.fit`` trained at all (it skips every hook when the checkpoint is already at
+    ``max_epochs``)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+
+
+# ----------------------------------------------------------------------------------- config checks (up front)
+
+
+def _check_int(cfg: DictConfig, key: str, lo: int, extra: tuple[Any, ...] = (), hint: str = "") -> None:
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or leaf not in parent:
+        return
+    v = parent.get(leaf)
+    if v is None or v in extra and not isinstance(v, bool):
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"`{key}` must be an int >= {lo}{hint}, got {v!r} ({type(v).__name__})")
+
+
+def _check_float(cfg: DictConfig, key: str, lo: float, hi: float | None = None, open_lo: bool = False) -> None:
+    import math
+
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or leaf not in parent:
+        return
+    v = parent.get(leaf)
+    if v is None:
+        return
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    ok = ok and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = f"{'>' if open_lo else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        raise ValueError(f"`{key}` must be a finite number {rng}, got {v!r} ({type(v).__name__})")
+
+
+def _check_batches(cfg: DictConfig, key: str, int_lo: int) -> None:
+    """Lightning's int-or-fraction keys (``limit_*_batches``, ``val_check_interval``)."""
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node)
+    if parent is None or leaf not in parent or parent.get(leaf) is None:
+        return
+    v = parent.get(leaf)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and v < int_lo):
+        raise ValueError(f"`{key}` must be an int >= {int_lo} (batches) or a float in [0, 1] (fraction), got {v!r}")
+    if isinstance(v, float) and not 0.0 <= v <= 1.0:
+        raise ValueError(f"`{key}` must be an int >= {int_lo} (batches) or a float in [0, 1] (fraction), got {v!r}")
+
+
+_SCHEDULERS = ("onecycle", "cosine", "step", "none")
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Check the type and range of the training config's trainer, optimizer, scheduler, data and seed keys before
+    any work, with an error naming the key and the expected form (instead of a failure after the data is set up).
+
+    >>> from fragdefense.cli._config import compose_config
+    >>> validate_train_config(compose_config("train", ["trainer.max_epochs=abc"]))
+    Traceback (most recent call last):
+    ...
+    ValueError: `trainer.max_epochs` must be an int >= 1 (or -1: no limit), got 'abc' (str)
+    """
+    _check_int(cfg, "seed", 0)
+    for key in ("max_epochs",):
+        _check_int(cfg, f"trainer.{key}", 1, (-1,), " (or -1: no limit)")
+    _check_int(cfg, "trainer.min_epochs", 0)
+    _check_int(cfg, "trainer.max_steps", 1, (-1,), " (or -1: no limit)")
+    _check_int(cfg, "trainer.min_steps", 0)
+    _check_int(cfg, "trainer.log_every_n_steps", 1)
+    _check_int(cfg, "trainer.check_val_every_n_epoch", 1)
+    _check_int(cfg, "trainer.num_sanity_val_steps", 0, (-1,), " (or -1: all)")
+    _check_int(cfg, "trainer.accumulate_grad_batches", 1)
+    _check_int(cfg, "trainer.num_nodes", 1)
+    _check_float(cfg, "trainer.gradient_clip_val", 0.0)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        _check_batches(cfg, f"trainer.{key}", 0)
+    _check_batches(cfg, "trainer.val_check_interval", 1)
+    if "trainer" in cfg and cfg.trainer.get("max_epochs") == -1 and cfg.trainer.get("max_steps", -1) == -1:
+        raise ValueError("`trainer.max_epochs`=-1 (no limit) needs `trainer.max_steps` >= 1")
+    mod = cfg.get("module") or {}
+    _check_float(cfg, "module.optimizer.lr", 0.0, open_lo=True)
+    _check_float(cfg, "module.optimizer.momentum", 0.0, 1.0)
+    _check_float(cfg, "module.optimizer.weight_decay", 0.0)
+    _check_float(cfg, "module.label_smoothing", 0.0, 1.0)
+    sch = mod.get("scheduler") or {}
+    name = sch.get("name", "none")
+    if name is not None and name not in _SCHEDULERS:
+        raise ValueError(f"`module.scheduler.name` must be one of {', '.join(_SCHEDULERS)}, got {name!r}")
+    if name == "cosine":
+        _check_float(cfg, "module.scheduler.warmup_epochs", 0.0)
+    if name == "step":
+        if "step_size" not in sch:
+            raise ValueError("`module.scheduler.step_size` (epochs between decays, an int >= 1) is required for step")
+        _check_int(cfg, "module.scheduler.step_size", 1)
+        _check_float(cfg, "module.scheduler.gamma", 0.0, open_lo=True)
+    if name == "onecycle":
+        _check_float(cfg, "module.scheduler.pct_start", 0.0, 1.0, open_lo=True)
+        _check_float(cfg, "module.scheduler.div_factor", 0.0, open_lo=True)
+        _check_float(cfg, "module.scheduler.final_div_factor", 0.0, open_lo=True)
+    for key in ("batch_size", "eval_batch_size", "n_train", "n_test"):
+        _check_int(cfg, f"data.{key}", 1)
+    for key in ("num_workers", "probe_size"):
+        _check_int(cfg, f"data.{key}", 0)
+    _check_float(cfg, "data.val_fraction", 0.0, 1.0)
+    test = cfg.get("test", True)
+    if not isinstance(test, bool):
+        raise ValueError(f"`test` must be true or false, got {test!r}")
+
+
+def _check_run_dir_writable(path: Path, name: str = "run_dir") -> None:
+    from fragdefense.evaluation.store import check_writable
+
+    try:
+        check_writable(path)
+    except OSError as e:
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+        raise PermissionError(
+            f"`{name}`={str(path)!r} is not writable ({cause.strerror or cause}); the run writes its config, "
+            f"checkpoints and logs there. Choose another {name} (e.g. {name}=$HOME/runs/<name>)"
+        ) from e
+
+
+def _is_rank_zero_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def _takes_run_id(node: DictConfig) -> bool:
@@ -125,12 +334,29 @@ def _alive(pid: int) -> bool:
 def _start_wandb(lg: Any, attempts: int = 10, wait_s: float = 1.0) -> None:
     """Start the W&B run. After a crash the killed process's W&B service can still hold the run id ("run ID ...
     is in use"): a service orphaned by the kill is stopped, a service inherited from a live parent process
-    (``WANDB_SERVICE``) is left for an own one, and the start is retried, so the run resumes under the same id."""
+    (``WANDB_SERVICE``) is left for an own one, and the start is retried, so the run resumes under the same id.
+    An online start that fails otherwise (server unreachable, ``init_timeout``) is retried offline, with a warning
+    saying how to upload the run later."""
     for i in range(attempts):
         try:
             lg.experiment  # noqa: B018 - creates the run
             return
         except Exception as e:  # noqa: BLE001 - wandb raises its own error types
+            if "in use" not in str(e) and not getattr(lg, "_offline", True):
+                # online start failed (server unreachable past the probe, init timeout): log offline instead
+                where = Path(str(lg._wandb_init.get("dir") or ".")) / "wandb" / "offline-run-*"
+                log.warning(
+                    "W&B: the online start failed (%s: %s); logging OFFLINE instead. Upload later with: wandb sync %s",
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                    where,
+                )
+                import wandb
+
+                wandb.teardown()  # the failed start still holds the run id in wandb's service
+                lg._offline = True
+                lg._wandb_init["mode"] = "offline"  # (wandb's settings singleton already read WANDB_MODE)
+                continue
             if "in use" not in str(e) or i == attempts - 1:
                 raise
             n = _reap_orphaned_wandb_services()
@@ -150,13 +376,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``<run_dir>/metrics.json``.
 
     Writes ``config.yaml`` (resolved), ``probe_indices.json``, ``checkpoints/{last,best-*}.ckpt``,
-    ``metrics.json``, the CSV log and the W&B run into the run directory.
+    ``metrics.json``, the CSV log and the W&B run into the run directory. Before any work: the config's numeric
+    keys are checked, the run directory must be writable and is locked (``<run_dir>/.lock``: a second process on
+    the same run directory is refused, naming the holder's pid). A relaunch with ``resume=auto`` continues from
+    ``checkpoints/last.ckpt`` (from the newest readable checkpoint when it is corrupt) and, when training had
+    already finished, writes the missing end-of-run outputs (``metrics.json``, the fragility summary and figure).
     """
     t_start = time.perf_counter()
     import_plugins(cfg)
+    validate_train_config(cfg)
     run_dir = _resolve_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir_writable(run_dir)
+    lock = RunDirLock(run_dir) if _is_rank_zero_process() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(cfg, run_dir, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, t_start: float) -> dict[str, Any]:
+    ckpt_path, ckpt = _resume_checkpoint(cfg, run_dir)
+    if ckpt is not None:
+        _check_schedule_resume(cfg, ckpt)
+    resume_step = int(ckpt.get("global_step", 0)) if ckpt is not None else None
+    del ckpt
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)
@@ -172,15 +419,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=model, regularizer=regularizer, model_config=model_config
     )
 
-    ckpt_path = _resume_checkpoint(cfg, run_dir)
-    logger_kw = {"run_id": _wandb_run_id(run_dir)} if _is_set(cfg.get("logger")) and _takes_run_id(cfg.logger) else {}
+    logger_kw = (
+        {"run_id": _wandb_run_id(run_dir), "resume_step": resume_step}
+        if _is_set(cfg.get("logger")) and _takes_run_id(cfg.logger)
+        else {}
+    )
     loggers = instantiate(cfg.logger, **logger_kw) if _is_set(cfg.get("logger")) else []
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if _is_set(c)]
     if not loggers:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    started = _FitStarted()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, started], logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
@@ -195,6 +446,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule.save_probe(run_dir / "probe_indices.json")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not started.started and ckpt_path is not None:
+        # the checkpoint is already at max_epochs (killed after its last checkpoint, before metrics.json): fit
+        # skipped every hook, so complete the end-of-run outputs the killed process never wrote
+        log.info("training already finished in %s; writing the missing end-of-run outputs", ckpt_path)
+        for cb in trainer.callbacks:
+            if isinstance(cb, (FragilityMonitor, HessianMonitor)):
+                cb.on_train_end(trainer, module)
 
     train_metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}
     ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
@@ -316,8 +574,36 @@ def _hydra_main(cfg: DictConfig) -> None:
     train(cfg)
 
 
+_EARLY_LOCK: RunDirLock | None = None
+
+
+def _early_run_dir_checks(argv: list[str]) -> None:
+    """Before Hydra starts (it configures its log file in ``hydra.run.dir`` and writes ``.hydra/`` there): a
+    ``run_dir=`` / ``hydra.run.dir=`` given on the command line must be writable, and the run directory is
+    locked for the whole process (a single run; multirun jobs are checked by :func:`train`)."""
+    global _EARLY_LOCK
+    if "-m" in argv or "--multirun" in argv:
+        return
+    given: dict[str, str] = {}
+    for a in argv:
+        key, eq, val = a.lstrip("+").partition("=")
+        if eq and key in ("run_dir", "hydra.run.dir") and val and "${" not in val and "," not in val:
+            given[key] = val
+    for key, val in given.items():
+        _check_run_dir_writable(Path(val).absolute(), key)
+    rd = given.get("run_dir") or given.get("hydra.run.dir")
+    if rd and _is_rank_zero_process():
+        _EARLY_LOCK = RunDirLock(Path(rd).absolute()).acquire()  # re-entered by train(), released at exit
+
+
 def main() -> None:
     """Console script ``fragdefense-train``."""
+    from fragdefense.utils.io import RunDirLockedError
+
+    try:
+        _early_run_dir_checks(sys.argv[1:])
+    except (OSError, RunDirLockedError) as e:
+        sys.exit(f"fragdefense-train: {e}")
     _hydra_main()
 
 

@@ -171,11 +171,46 @@ class ClassifierModule(L.LightningModule):
         # the global RNG states (torch, numpy, python) drive shuffling and augmentation; storing them makes a
         # run resumed from an end-of-epoch checkpoint continue exactly as the uninterrupted run would
         checkpoint["fragdefense_rng_states"] = rng_states()
+        if self._trainer is not None:  # the length the schedule was planned for (checked when resuming)
+            checkpoint["fragdefense_schedule"] = {
+                "name": self.scheduler_cfg.get("name", "none"),
+                "total_steps": getattr(self, "_planned_total_steps", None),
+                "max_epochs": self.trainer.max_epochs,
+                "max_steps": self.trainer.max_steps,
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("fragdefense_rng_states")
         if states is not None and self._trainer is not None:  # resuming a fit, not load_from_checkpoint
             set_rng_states(states)
+            self._resumed_schedule = {
+                "saved": checkpoint.get("fragdefense_schedule") or {},
+                "states": list(checkpoint.get("lr_schedulers") or []),
+            }
+            self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """Refuse to resume a OneCycle schedule whose planned total length differs from this run's (its shape
+        depends on the total number of steps: the restored state would run past its end and fail mid-training,
+        ``Tried to step N times``). Cosine is re-stretched over the new length, step is epoch-count independent;
+        runs before training, as soon as both lengths are known."""
+        resumed = getattr(self, "_resumed_schedule", None)
+        new_total = getattr(self, "_planned_total_steps", None)
+        if resumed is None or new_total is None or self.scheduler_cfg.get("name") != "onecycle":
+            return
+        old_total = next((st.get("total_steps") for st in resumed["states"] if "total_steps" in st), None)
+        if old_total is None or int(old_total) == int(new_total):
+            return
+        saved = resumed["saved"]
+        was = f" (trainer.max_epochs={saved['max_epochs']})" if saved.get("max_epochs") is not None else ""
+        raise ValueError(
+            f"cannot resume: the checkpoint's OneCycle learning-rate schedule (`module.scheduler.name`='onecycle') "
+            f"was planned for {old_total} optimizer steps{was}, this run needs {new_total} "
+            f"(`trainer.max_epochs`={self.trainer.max_epochs}). OneCycle's shape depends on the total length, so it "
+            "cannot be extended or shortened: resume with the original trainer.max_epochs (and the same data and "
+            "batch size), start a new run_dir, or train with an epoch-count-independent schedule "
+            "(module.scheduler.name=step, or cosine, which is re-stretched over the new length)"
+        )
 
     def configure_optimizers(self) -> Any:
         cfg = dict(self.optimizer_cfg)
@@ -186,6 +221,8 @@ class ClassifierModule(L.LightningModule):
             return opt
         if name == "onecycle":
             total = int(self.trainer.estimated_stepping_batches)
+            self._planned_total_steps = total
+            self._check_resumed_schedule()  # before Lightning restores the old state into this schedule
             s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, **sch)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
         if name == "cosine":
