@@ -379,55 +379,70 @@ def insertion_auc(
 # ----------------------------------------------------------------------------------------------------------
 # ROAD
 # ----------------------------------------------------------------------------------------------------------
+def _stencil(u: Tensor) -> Tensor:
+    """``12 x`` the weighted sum of the 8 neighbours (1/6 direct, 1/12 diagonal; zero outside the image) of every
+    pixel of ``u`` ``(N, H, W)``: the separable ``[1, 2, 1] x [1, 2, 1]`` sum minus 4 times the centre."""
+    p = F.pad(u, (1, 1, 1, 1))
+    h = torch.add(p[..., :-2], p[..., 2:]).add_(p[..., 1:-1], alpha=2)
+    return torch.add(h[..., :-2, :], h[..., 2:, :]).add_(h[..., 1:-1, :], alpha=2).sub_(u, alpha=4)
+
+
 def _linear_imputation(x: Tensor, mask: Tensor, tol: float, max_iter: int | None) -> Tensor:
-    """Noise-free ROAD imputation: batched conjugate gradients on the sparse system, every channel separately."""
+    """Noise-free ROAD imputation: batched conjugate gradients on the sparse system, every channel separately.
+
+    Unknowns live on the full grid (zero at known pixels); ``A u = m * (wsum * u - conv(u))`` with ``m`` the
+    unknown mask, ``wsum`` the weight of a pixel's in-image neighbours and ``conv`` the neighbour-weighted sum,
+    ``b = m * conv(known)``. ``A`` is symmetric positive definite on the unknowns whenever a pixel is known.
+    Converged systems leave the working set every 8 iterations."""
     n, c, h, w = x.shape
     dt = torch.float32 if x.device.type == "mps" else torch.float64
-    u_mask = mask.to(dt)[:, None].expand(n, c, h, w).reshape(n * c, 1, h, w)  # 1 = unknown
-    xs = x.to(dt).reshape(n * c, 1, h, w)
-    kern = torch.tensor(_NEIGHBOUR_WEIGHTS, dtype=dt, device=x.device).view(1, 1, 3, 3)
+    um = mask.to(dt)[:, None].expand(n, c, h, w).reshape(n * c, h, w)  # 1 = unknown
+    xs = x.to(dt).reshape(n * c, h, w)
+    wsum12 = _stencil(torch.ones(1, h, w, dtype=dt, device=x.device))  # 12 x the in-image neighbour weight
 
-    def conv(u: Tensor) -> Tensor:
-        return F.conv2d(u, kern, padding=1)
+    def apply_a(v: Tensor, m12: Tensor) -> Tensor:  # m12 = unknown mask / 12
+        return (wsum12 * v).sub_(_stencil(v)).mul_(m12)
 
-    wsum = conv(torch.ones(1, 1, h, w, dtype=dt, device=x.device))  # weights of the in-image neighbours
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
-    def apply_a(u: Tensor) -> Tensor:  # symmetric positive definite on the unknowns
-        return u_mask * (wsum * u - conv(u))
-
-    known = xs * (1 - u_mask)
-    rhs = u_mask * conv(known)
-    n_known = (1 - u_mask).sum((1, 2, 3), keepdim=True)
-    start = known.sum((1, 2, 3), keepdim=True) / n_known.clamp_min(1)  # mean of the known pixels
-    u = u_mask * start
-    r = rhs - apply_a(u)
+    known = xs * (1 - um)
+    rhs = um * _stencil(known) / 12.0
+    n_known = (1 - um).sum((1, 2), keepdim=True)
+    u = um * (known.sum((1, 2), keepdim=True) / n_known.clamp_min(1))  # start: mean of the known pixels
+    m = um / 12.0
+    r = rhs - apply_a(u, m)
     p = r.clone()
-    rr = (r * r).sum((1, 2, 3))
-    thresh = (tol * (rhs * rhs).sum((1, 2, 3)).sqrt()) ** 2 + 1e-300
+    rr = dot(r, r)
+    thresh = (tol * dot(rhs, rhs).sqrt()) ** 2 + 1e-300
     limit = max_iter if max_iter is not None else 50 * (h + w) + 100
-    it = 0
-    while it < limit:
-        active = rr > thresh
-        if it % 8 == 0 and not bool(active.any()):
-            break
-        ap = apply_a(p)
-        pap = (p * ap).sum((1, 2, 3))
-        alpha = torch.where(active & (pap > 0), rr / pap.where(pap > 0, torch.ones_like(pap)), torch.zeros_like(rr))
-        u = u + alpha.view(-1, 1, 1, 1) * p
-        r = r - alpha.view(-1, 1, 1, 1) * ap
-        rr_new = (r * r).sum((1, 2, 3))
-        beta = torch.where(active & (rr > 0), rr_new / rr.where(rr > 0, torch.ones_like(rr)), torch.zeros_like(rr))
-        p = r + beta.view(-1, 1, 1, 1) * p
+    solved = u.clone()
+    idx = torch.arange(n * c, device=x.device)  # systems still iterating
+    for it in range(limit):
+        if it % 8 == 0:
+            act = rr > thresh
+            if not bool(act.all()):
+                solved[idx[~act]] = u[~act]
+                idx, u, r, p, rr, m, thresh = idx[act], u[act], r[act], p[act], rr[act], m[act], thresh[act]
+                if not idx.numel():
+                    break
+        ap = apply_a(p, m)
+        # p = 0 exactly when r = 0 (A is positive definite on the unknowns), so the clamps only turn 0 / 0 into 0
+        alpha = (rr / dot(p, ap).clamp_min(1e-300))[:, None, None]
+        u.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        rr_new = dot(r, r)
+        p.mul_((rr_new / rr.clamp_min(1e-300))[:, None, None]).add_(r)
         rr = rr_new
-        it += 1
-    else:
+    if idx.numel():
+        solved[idx] = u
         if bool((rr > thresh).any()):
             warnings.warn(
                 f"noisy_linear_imputation: conjugate gradients did not reach tol={tol:g} in {limit} iterations",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    out = torch.where(u_mask.bool(), u, xs).reshape(n, c, h, w)
+    out = torch.where(um.bool(), solved, xs).reshape(n, c, h, w)
     return out.to(x.dtype)
 
 
