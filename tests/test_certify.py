@@ -155,6 +155,16 @@ def test_matches_literal_loop(correction):
     assert (labels >= 0).any() and (labels == -1).any()  # neither trivial
 
 
+def test_sparsify_top_k_ties_follow_the_literal_rule():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 4, (50, 12), generator=g).double()
+    for k in (1, 3, 6, 12):
+        got = sparsify_top_k(maps, k)
+        for row, mask in zip(maps.tolist(), got.tolist()):
+            ref = [sum(1 for q in range(12) if row[q] > row[p] or (row[q] == row[p] and q < p)) < k for p in range(12)]
+            assert mask == ref
+
+
 def test_linear_saliency_is_exact():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).double()

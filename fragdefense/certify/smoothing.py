@@ -157,8 +157,10 @@ def sparsify_top_k(maps: Tensor, k: int) -> Tensor:
     >>> sparsify_top_k(torch.tensor([[0.1, 0.5, 0.5, 0.2]]), 2).tolist()
     [[False, True, True, False]]
     """
-    order = torch.sort(maps, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros(maps.shape, dtype=torch.bool, device=maps.device).scatter_(1, order, True)
+    kth = torch.kthvalue(maps, maps.shape[1] - k + 1, dim=1, keepdim=True).values  # the k-th largest value
+    above, tied = maps > kth, maps == kth
+    need = k - above.sum(dim=1, keepdim=True)  # tied pixels to take, lowest indices first
+    return above | (tied & (tied.cumsum(dim=1) <= need))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
