@@ -145,7 +145,13 @@ class CellStore:
         notes: list[str] = []
         for p in parts:
             notes += [w for w in p.warnings if w not in notes]
-        return CellResult(cell, rows, aggregate_rows(rows, skipped), None, True, max(p.seconds for p in parts), notes)
+        if cell.kind == "robust":
+            from fragdefense.evaluation.quality import robust_aggregate
+
+            agg = {**parts[0].aggregate, **robust_aggregate(rows)}
+        else:
+            agg = aggregate_rows(rows, skipped)
+        return CellResult(cell, rows, agg, None, True, max(p.seconds for p in parts), notes)
 
 
 def parse_cell(d: dict[str, Any]) -> Cell:

@@ -30,6 +30,17 @@ __all__ = [
     "LensTopK",
     "MaskMass",
     "PointingGame",
+    "ExplanationScore",
+    "MaxSensitivity",
+    "AvgSensitivity",
+    "LocalLipschitzEstimate",
+    "RelativeInputStability",
+    "RelativeOutputStability",
+    "RelativeRepresentationStability",
+    "DeletionAUC",
+    "InsertionAUC",
+    "ROAD",
+    "FaithfulnessCorrelation",
 ]
 
 
@@ -61,7 +72,10 @@ class _PerSampleMean(Metric):
 
     def update(self, a: Tensor, b: Tensor) -> None:
         """Score a batch (``(B,)`` values from the functional core) and accumulate it."""
-        v = self._score(a, b).detach()
+        self._accumulate(self._score(a, b))
+
+    def _accumulate(self, v: Tensor) -> None:
+        v = v.detach()
         self.sum += v.sum(dtype=self.sum.dtype)
         self.count += v.numel()
         if self.per_sample:
@@ -232,3 +246,143 @@ class PointingGame(_PerSampleMean):
 
     def _score(self, a: Tensor, b: Tensor) -> Tensor:
         return MF.pointing_game(a, b)
+
+
+class ExplanationScore(_PerSampleMean):
+    """Mean of a registered explanation score (robustness or faithfulness of an attribution method) over images;
+    ``update(model, x, y)`` explains ``x`` for the classes ``y`` with ``method`` and scores the maps (see
+    :mod:`fragdefense.metrics.robustness` and :mod:`fragdefense.metrics.faithfulness`). The model is passed to
+    each ``update`` rather than held, so a monitor scores the current weights and the metric's state holds
+    numbers only (sum and count, reduced with ``"sum"`` under DDP).
+
+    Args:
+        score: a registered explanation score (``list_metrics(kind="explanation")``).
+        method: attribution method (registry name, callable or captum object).
+        method_opts: options of the method.
+        per_sample: also keep the per-image values.
+        **opts: the score's settings (e.g. ``n_samples``, ``radius``, ``baseline``); a ``seed`` makes the random
+            draws reproducible (per image: image ``i`` of the ``n``-th update uses ``seed + n * 1_000_003 + i``).
+
+    >>> from fragdefense.models import create_model
+    >>> _ = torch.manual_seed(0)
+    >>> net = create_model("small_cnn", num_classes=3, width=4).eval()
+    >>> m = ExplanationScore("deletion_auc", "saliency", steps=8)
+    >>> m.update(net, torch.rand(2, 3, 16, 16), torch.tensor([0, 1]))
+    >>> 0.0 <= float(m.compute()) <= 1.0
+    True
+    """
+
+    plot_lower_bound = None
+    plot_upper_bound = None
+
+    def __init__(
+        self,
+        score: str,
+        method: Any = "saliency",
+        method_opts: dict[str, Any] | None = None,
+        per_sample: bool = False,
+        seed: int | None = None,
+        **opts: Any,
+    ) -> None:
+        from fragdefense.attributions.registry import resolve_attribution
+        from fragdefense.metrics.registry import get_metric
+
+        spec = get_metric(score)
+        if spec.kind != "explanation":
+            raise ValueError(f"`score`={score!r} compares two maps; use its own class ({spec.cls}) instead")
+        resolve_attribution(method, "method")
+        super().__init__(per_sample=per_sample)
+        self.score = score
+        self.method = method
+        self.method_opts = dict(method_opts or {})
+        self.opts = dict(opts)
+        self.seed = seed
+        self._n_updates = 0
+        #: whether a higher value is better (from the registry; ``higher_is_better`` is a class constant)
+        self.score_higher_is_better = spec.similarity
+
+    def update(self, model: Any, x: Tensor, y: Tensor, maps: Tensor | None = None) -> None:  # type: ignore[override]
+        """Explain ``x`` for ``y`` with the metric's method (or take the given ``maps``), score and accumulate."""
+        from fragdefense.metrics.registry import compute_explanation_scores
+        from fragdefense.metrics.robustness import make_explain
+        from fragdefense.utils.conventions import make_generator
+
+        explain = make_explain(model, self.method, **self.method_opts)
+        if maps is None:
+            maps = explain(x, y)
+        opts = dict(self.opts)
+        if self.seed is not None:
+            base = int(self.seed) + self._n_updates * 1_000_003
+            opts["generator"] = make_generator([base + i for i in range(x.shape[0])], x.device)
+        self._n_updates += 1
+        self._accumulate(compute_explanation_scores(model, x, y, maps, explain, [self.score], opts)[self.score])
+
+
+def _score_class(cls_name: str, score: str, summary: str, higher: bool) -> type[ExplanationScore]:
+    def __init__(
+        self: ExplanationScore,
+        method: Any = "saliency",
+        method_opts: dict[str, Any] | None = None,
+        per_sample: bool = False,
+        seed: int | None = None,
+        **opts: Any,
+    ) -> None:
+        ExplanationScore.__init__(self, score, method, method_opts, per_sample, seed, **opts)
+
+    doc = (
+        f"{summary} (``ExplanationScore({score!r}, ...)``): ``update(model, x, y)``; options as in the functional form."
+    )
+    ns = {"__init__": __init__, "__doc__": doc, "__module__": __name__, "higher_is_better": higher}
+    return type(cls_name, (ExplanationScore,), ns)
+
+
+MaxSensitivity = _score_class("MaxSensitivity", "max_sensitivity", "Mean max-sensitivity (Yeh et al. 2019)", False)
+AvgSensitivity = _score_class("AvgSensitivity", "avg_sensitivity", "Mean avg-sensitivity (Yeh et al. 2019)", False)
+LocalLipschitzEstimate = _score_class(
+    "LocalLipschitzEstimate",
+    "local_lipschitz_estimate",
+    "Mean local Lipschitz estimate (Alvarez-Melis & Jaakkola 2018)",
+    False,
+)
+RelativeInputStability = _score_class(
+    "RelativeInputStability", "relative_input_stability", "Mean relative input stability (Agarwal et al. 2022)", False
+)
+RelativeOutputStability = _score_class(
+    "RelativeOutputStability",
+    "relative_output_stability",
+    "Mean relative output stability (Agarwal et al. 2022)",
+    False,
+)
+RelativeRepresentationStability = _score_class(
+    "RelativeRepresentationStability",
+    "relative_representation_stability",
+    "Mean relative representation stability (Agarwal et al. 2022)",
+    False,
+)
+DeletionAUC = _score_class("DeletionAUC", "deletion_auc", "Mean deletion AUC (Petsiuk et al. 2018)", False)
+InsertionAUC = _score_class("InsertionAUC", "insertion_auc", "Mean insertion AUC (Petsiuk et al. 2018)", True)
+
+
+class ROAD(ExplanationScore):
+    """Mean ROAD score (Rong et al. 2022) in the ``order`` ``"morf"`` (most relevant first: lower is better) or
+    ``"lerf"`` (least relevant first: higher is better): ``update(model, x, y)``; options as in
+    :func:`~fragdefense.metrics.faithfulness.road`."""
+
+    def __init__(
+        self,
+        method: Any = "saliency",
+        method_opts: dict[str, Any] | None = None,
+        per_sample: bool = False,
+        seed: int | None = None,
+        order: str = "morf",
+        **opts: Any,
+    ) -> None:
+        if order not in ("morf", "lerf"):
+            raise ValueError(f"`order` must be 'morf' or 'lerf', got {order!r}")
+        super().__init__(f"road_{order}", method, method_opts, per_sample, seed, **opts)
+        self.order = order
+
+
+FaithfulnessCorrelation = _score_class(
+    "FaithfulnessCorrelation", "faithfulness_correlation", "Mean faithfulness correlation (Bhatt et al. 2020)", True
+)
