@@ -815,3 +815,169 @@ def test_known_values():
     assert math.isclose(tau.item(), 2 / 3, rel_tol=1e-7)
     assert kendall_tau(torch.tensor([[1.0, 2, 3]]), torch.tensor([[3.0, 2, 1]])).item() == -1.0
     assert spearman(torch.tensor([[1.0, 2, 3]]), torch.tensor([[1.0, 3, 2]])).item() == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Kendall tau on CPU: numpy counting (block-decomposed inversion count, packed-key sorts)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _bf_inversions(rows: np.ndarray) -> list[int]:
+    return [int(np.triu(r[:, None] > r[None, :], 1).sum()) for r in rows]
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 15, 16, 17, 100, 255, 256, 257, 600, 1500])
+def test_np_inversions_perm_brute_force(d):
+    """Every recursion shape: brute force only (d <= 16), one level with brute-force chunks (d <= 256), two
+    levels with sorted chunks, padded rows; random, identity and reversed permutations."""
+    g = np.random.default_rng(d)
+    p = np.stack([g.permutation(d), np.arange(d), np.arange(d)[::-1], g.permutation(d)]).astype(np.int32)
+    pi = np.argsort(p, axis=1).astype(np.int32)
+    out = MF._np_inversions_perm(p.reshape(4, 1, d), pi.reshape(4, 1, d))
+    assert out.tolist() == _bf_inversions(p)
+    assert out[1] == 0 and out[2] == d * (d - 1) // 2
+
+
+def test_np_inversions_perm_large_against_torch_radix():
+    """224 x 224 permutations (two levels, chunks of 256 then 16) against the independent torch radix count."""
+    g = torch.Generator().manual_seed(31)
+    d = 224 * 224
+    p = torch.stack([torch.randperm(d, generator=g) for _ in range(3)])
+    p[2] = torch.cat([torch.arange(d // 2), d // 2 + torch.randperm(d - d // 2, generator=g)])  # sorted prefix
+    pn = p.numpy().astype(np.int32)
+    pin = np.argsort(pn, axis=1).astype(np.int32)
+    out = MF._np_inversions_perm(pn.reshape(3, 1, d), pin.reshape(3, 1, d))
+    assert out.tolist() == MF._count_inversions(p).tolist()
+
+
+@pytest.mark.parametrize("levels", [None, 3, 40])
+def test_np_kendall_counts_brute_force(levels):
+    """(n1, n2, n3, n_d) from the packed-key sorts against pair enumeration, with ties in a, in b and in both."""
+    g = torch.Generator().manual_seed(32 + (levels or 0))
+    a, b = _maps((5, 70), 33, levels), _maps((5, 70), 34, levels)
+    b[1] = a[1]
+    b[2] = -a[2]
+    counts = MF._kendall_counts_cpu(a, b).tolist()
+    for i in range(5):
+        x, y = a[i].numpy(), b[i].numpy()
+        dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+        up = np.triu(np.ones((70, 70), bool), 1)
+        n1, n2 = int((up & (dx == 0)).sum()), int((up & (dy == 0)).sum())
+        n3 = int((up & (dx == 0) & (dy == 0)).sum())
+        n_d = int((up & (dx * dy < 0)).sum())
+        assert counts[i] == [n1, n2, n3, n_d]
+    del g
+
+
+def test_np_rank_key_exact_when_values_differ_in_low_bits():
+    """Dense ranks of float64 rows whose values differ only in the bits the packed sort drops (re-sorted
+    exactly), with ties and both signed zeros, against scipy's dense ranks."""
+    g = np.random.default_rng(35)
+    d = 3000
+    x = np.empty((3, d))
+    x[0] = 1.0 + g.permutation(d) * 2.0**-52  # all differences below the index bits
+    x[1] = g.integers(-5, 5, d) * 0.5
+    x[1, :10] = -0.0
+    x[2] = g.random(d)
+    assert bool((x[1] == 0).any())
+    key = MF._np_rank_key(x)
+    for i in range(3):
+        assert key[i].tolist() == scipy.stats.rankdata(x[i], method="dense").astype(int).tolist()
+
+
+def test_kendall_float64_low_bit_differences_match_scipy():
+    g = torch.Generator().manual_seed(36)
+    a = 1.0 + torch.randperm(5000, generator=g).double().view(2, 2500) * 2.0**-52
+    b = a + torch.randn(2, 2500, generator=g, dtype=torch.float64) * 2.0**-48
+    np.testing.assert_allclose(kendall_tau(a, b).numpy(), _ref_kendall(a, b), atol=1e-12, rtol=0)
+
+
+def test_kendall_threaded_rows_match_single_thread():
+    """Rows split over the row-sort pool (2 threads) give the same values as one thread, and scipy's."""
+    a, b = _maps((6, 90, 90), 37), _maps((6, 90, 90), 38, levels=7)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = kendall_tau(a, b)
+        torch.set_num_threads(1)
+        one = kendall_tau(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, atol=0, rtol=0)
+    np.testing.assert_allclose(one.numpy(), _ref_kendall(a, b), atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# top-k-div: the candidate scan against the previous greedy implementation and brute force
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _ref_topk_div_greedy(a: torch.Tensor, k: int, window: int) -> torch.Tensor:
+    """The previous implementation (k greedy steps, each an arg-max over the candidates and a scatter of the
+    window), copied as a reference; returns the mask and -inf-free picks only (no error handling)."""
+    bsz, h, w = a.shape
+    d = h * w
+    win = min(window, max(h, w) - 1)
+    flat = a.reshape(bsz, d)
+    n_win = (2 * win + 1) ** 2
+    m = min(d, (k - 1) * n_win + 1)
+    vals = torch.empty(bsz, m + 1, dtype=a.dtype)
+    vals[:, m] = -math.inf
+    if m < d:
+        cand = _ref_topk_mask(flat, m).nonzero()[:, 1].view(bsz, m)
+        slot = torch.full((bsz, d + 1), m, dtype=torch.long)
+        slot.scatter_(1, cand, torch.arange(m).expand(bsz, m))
+        vals[:, :m] = flat.gather(1, cand)
+    else:
+        cand = slot = None
+        vals[:, :m] = flat
+    body = vals[:, :m]
+    off = torch.arange(-win, win + 1)
+    dr, dc = off.repeat_interleave(off.numel()), off.repeat(off.numel())
+    selected = torch.zeros(bsz, d + 1, dtype=torch.bool)
+    for _ in range(k):
+        mx, j = body.max(dim=-1)
+        pix = j if cand is None else cand.gather(1, j.unsqueeze(1)).squeeze(1)
+        r, c = (pix // w).unsqueeze(-1) + dr, (pix % w).unsqueeze(-1) + dc
+        nbr = torch.where((r >= 0) & (r < h) & (c >= 0) & (c < w), r * w + c, d)
+        vals.scatter_(1, nbr if slot is None else slot.gather(1, nbr), -math.inf)
+        selected.scatter_(1, torch.where(torch.isfinite(mx), pix, d).unsqueeze(1), True)
+    return selected[:, :d].reshape(bsz, h, w)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "smooth", "constant", "float32"])
+@pytest.mark.parametrize(("shape", "k", "window"), [((4, 40, 37), 60, 1), ((3, 64, 64), 200, 1), ((3, 50, 50), 30, 3)])
+def test_topk_div_scan_matches_previous_greedy(kind, shape, k, window):
+    """Random, tied (quantised), smooth and constant maps, float64 (stable torch.sort order) and float32
+    (packed numpy keys): the same masks as the previous k-step greedy; k large enough that the candidate
+    list has to grow past its first 2k + 64."""
+    a = _maps(shape, 40 + k, levels={"ties": 4, "constant": 1}.get(kind))
+    if kind == "smooth":
+        a = torch.nn.functional.avg_pool2d(a.unsqueeze(1), 7, 1, 3).squeeze(1)
+    if kind == "float32":
+        a = a.float()
+    expected = _ref_topk_div_greedy(a, k, window)
+    assert bool((expected.sum(dim=(1, 2)) == k).all())  # every map reaches k picks here
+    torch.testing.assert_close(topk_div(a, k, window), expected, atol=0, rtol=0)
+
+
+def test_topk_div_table_fallback_same_masks(monkeypatch):
+    a = _maps((3, 30, 30), 45, levels=5)
+    fast = topk_div(a, 40, 1)
+    monkeypatch.setattr(MF, "_DIV_SLOT_TABLE_MAX", 0)  # the plain greedy for every call
+    torch.testing.assert_close(topk_div(a, 40, 1), fast, atol=0, rtol=0)
+    torch.testing.assert_close(fast, _ref_topk_div_greedy(a, 40, 1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+@pytest.mark.parametrize(("k", "window"), [(5, 1), (9, 2), (12, 1), (3, 3)])
+def test_topk_div_scan_brute_force_small(levels, k, window):
+    a = _maps((5, 9, 11), 50 + k, levels=levels)
+    expected = [_bf_topk_div(x.flatten().tolist(), k, window, 9, 11) for x in a]
+    if any(e is None for e in expected):
+        with pytest.raises(ValueError, match="`k`"):
+            topk_div(a, k, window)
+        return
+    mask = topk_div(a, k, window)
+    for i, e in enumerate(expected):
+        assert set(mask[i].flatten().nonzero().flatten().tolist()) == e

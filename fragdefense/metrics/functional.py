@@ -358,6 +358,245 @@ def _count_inversions(y: Tensor) -> Tensor:
     return inv
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Kendall tau on CPU: numpy counting (sorts of packed int keys and an O(D log log D) inversion count)
+# ----------------------------------------------------------------------------------------------------------
+_INV_BRUTE_MAX = 16  # sequences up to this length are counted pair by pair
+_KENDALL_GROUP_ELEMENTS = 1 << 16  # maps counted together per call (cache-sized working set)
+
+
+def _np_inversions_brute(x: np.ndarray) -> np.ndarray:
+    """Strict inversions of short sequences, summed per map: ``x`` is ``(R, L, K)`` C-contiguous, holding ``K``
+    sequences of length ``L`` per map (element ``i`` of sequence ``k`` at ``[:, i, k]``, so every comparison
+    runs over a contiguous slab). Returns int64 ``(R,)``."""
+    r, length, k = x.shape
+    acc = np.zeros((r, length, k), np.uint8)  # acc[:, j, k]: earlier elements of sequence k greater than element j
+    tmp = np.empty((r, length, k), np.bool_)
+    for step in range(1, length):
+        t, a = tmp[:, step:], acc[:, step:]
+        np.greater(x[:, :-step], x[:, step:], out=t)
+        np.add(a, t.view(np.uint8), out=a)
+    return acc.reshape(r, -1).sum(axis=1, dtype=np.int64)
+
+
+def _np_cross_pairs(p: np.ndarray, bits: int, nb: int) -> np.ndarray:
+    """Inverted pairs of the permutation rows ``p`` ``(R, N, nb * s)`` (``s = 2**bits``) whose positions lie in
+    different blocks of ``s`` *and* whose values lie in different buckets of ``s``, summed per map.
+
+    With ``h[p, v]`` the number of elements in position block ``p`` and value bucket ``v``, such a pair is an
+    element of ``(p, v)`` and one of ``(p', v')`` with ``p < p'`` and ``v > v'``; the count is
+    ``sum_{p', v} a[p', v] g[p', v]`` with ``a`` the exclusive running sum of ``h`` over ``p`` and ``g`` the
+    exclusive running sum over ``v``: two passes over the ``nb x nb`` histogram instead of over the pairs."""
+    r, n_rows, m = p.shape
+    nr = r * n_rows
+    ids = np.empty((r, n_rows, m), np.int64)
+    np.right_shift(p, bits, out=ids)  # value bucket
+    row_base = np.arange(nr, dtype=np.int64).reshape(nr, 1) * (nb * nb)
+    ids += (row_base + (np.arange(nb, dtype=np.int64) * nb).repeat(1 << bits)).reshape(r, n_rows, m)
+    h = np.bincount(ids.reshape(-1), minlength=nr * nb * nb).reshape(nr, nb * nb)
+    if nr < nb:  # few large histograms: running sums along the last axis (contiguous), a transposed copy for p
+        h = h.astype(np.int32).reshape(nr, nb, nb)
+        g = np.cumsum(h, axis=2, dtype=np.int32)
+        g -= h
+        ht = np.ascontiguousarray(h.transpose(0, 2, 1))
+        a = np.cumsum(ht, axis=2, dtype=np.int32)
+        a -= ht
+        a = a.transpose(0, 2, 1)
+        return (a * g).reshape(r, -1).sum(axis=1, dtype=np.int64)
+    # many small histograms: rows last, so every step of the running sums is one long contiguous slab
+    h = np.ascontiguousarray(h.T, dtype=np.int32).reshape(nb, nb, nr)
+    a = np.empty_like(h)
+    a[0] = 0
+    for i in range(1, nb):  # a Python loop over slabs beats np.cumsum along a non-last axis by 5-20x
+        np.add(a[i - 1], h[i - 1], out=a[i])
+    g = np.empty_like(h)
+    g[:, 0] = 0
+    for i in range(1, nb):
+        np.add(g[:, i - 1], h[:, i - 1], out=g[:, i])
+    a *= g  # each product <= s * s
+    return a.reshape(nb * nb, r, n_rows).sum(axis=(0, 2), dtype=np.int64)
+
+
+def _np_inversions_perm(p: np.ndarray, pi: np.ndarray) -> np.ndarray:
+    """Inversions of permutation rows, summed per map: ``p`` and its inverse ``pi`` are int32 ``(R, N, m)``,
+    every row a permutation of ``0..m-1``. Returns int64 ``(R,)``.
+
+    Two-dimensional block decomposition (no pair enumeration, no merge passes): view row ``p`` as the points
+    ``(j, p[j])`` and cut both axes into blocks of ``s = 2**ceil(log2 sqrt(m))``. An inverted pair either lies
+    in two different position blocks *and* two different value buckets (counted from the block histogram by
+    ``_np_cross_pairs``), or in one position block (an inversion of a length-``s`` chunk of ``p``), or in one
+    value bucket but two position blocks (an inversion, strict, of the block numbers ``pi >> bits`` along a
+    length-``s`` chunk of ``pi``). The chunks are sub-problems of length ``s ~ sqrt(m)``: ranked into
+    permutations by one sort of packed ``(value, index)`` int32 keys (a second sort gives the inverse) and
+    solved the same way, down to length ``_INV_BRUTE_MAX``, which is counted pair by pair. For
+    ``m = 224 * 224`` that is one level (chunks of 256, then 16). Rows are padded to a multiple of ``s`` with
+    fixed points past the end, which add no inversions.
+    """
+    r, n_rows, m = p.shape
+    if m <= _INV_BRUTE_MAX:
+        return _np_inversions_brute(np.ascontiguousarray(p.transpose(0, 2, 1), dtype=np.uint8))
+    bits = math.isqrt(m - 1).bit_length()  # 2**bits >= sqrt(m)
+    s = 1 << bits
+    nb = -(-m // s)
+    if nb * s > m:
+        tail = np.broadcast_to(np.arange(m, nb * s, dtype=np.int32), (r, n_rows, nb * s - m))
+        p = np.concatenate([p, tail], axis=2)
+        pi = np.concatenate([pi, tail], axis=2)
+    out = _np_cross_pairs(p, bits, nb)
+    k = n_rows * nb  # chunks per map in each family
+    if s <= _INV_BRUTE_MAX:
+        x = np.empty((r, s, 2 * k), dtype=np.uint8 if nb * s <= 256 else np.int32)
+        x[:, :, :k] = p.reshape(r, k, s).transpose(0, 2, 1)
+        x[:, :, k:] = (pi >> bits).reshape(r, k, s).transpose(0, 2, 1)
+        return out + _np_inversions_brute(x)
+    ar = np.arange(s, dtype=np.int32)
+    keys = np.empty((r, 2 * k, s), dtype=np.int32)  # (value, index) packed; values < nb * s <= 2**(2 bits)
+    np.left_shift(p.reshape(r, k, s), bits, out=keys[:, :k])
+    np.bitwise_and(pi.reshape(r, k, s), ~(s - 1), out=keys[:, k:])  # block number; ties keep index order
+    keys |= ar
+    keys.sort(axis=-1)
+    keys &= s - 1  # rank -> index within the chunk
+    qi = keys.copy()
+    keys <<= bits
+    keys |= ar
+    keys.sort(axis=-1)
+    keys &= s - 1  # index -> rank
+    return out + _np_inversions_perm(keys, qi)
+
+
+def _np_tied_pairs(s: np.ndarray) -> np.ndarray:
+    """Per row of the sorted ``(R, D)`` array ``s`` (any strides), the number of pairs of equal values, int64."""
+    r, d = s.shape
+    tie = np.zeros((r, d), np.bool_)
+    np.equal(s[:, 1:], s[:, :-1], out=tie[:, 1:])
+    flat = tie.reshape(-1)
+    n_tie = int(np.count_nonzero(flat))
+    if n_tie == 0:
+        return np.zeros(r, np.int64)
+    if 2 * n_tie > flat.size:  # few runs: lengths from consecutive run starts
+        starts = np.flatnonzero(~flat)
+        length = np.diff(starts, append=flat.size)
+        pairs = length * (length - 1) // 2
+        row = starts // d
+    else:  # few ties: the k-th tie of a streak closes k pairs
+        idx = np.flatnonzero(flat)
+        first = np.ones(idx.size, np.bool_)
+        first[1:] = idx[1:] != idx[:-1] + 1
+        ar = np.arange(idx.size)
+        pairs = ar - np.maximum.accumulate(ar * first) + 1
+        row = idx // d
+    out = np.zeros(r, np.int64)
+    np.add.at(out, row, pairs)
+    return out
+
+
+def _np_rank_key(x: np.ndarray) -> np.ndarray:
+    """int32 keys ``(R, D)`` ordered like the float64 rows ``x``, equal values equal: 1-based dense ranks.
+
+    The sort is of int64 keys: the float's signed-monotone bit pattern with its lowest ``ceil(log2 D)`` bits
+    replaced by the element's index (a value sort that carries its arg-sort, 2-3x cheaper than
+    ``np.argsort``). Values that differ only in those bits may come out of order; such rows (checked on the
+    full keys) are arg-sorted exactly instead."""
+    r, d = x.shape
+    bits = (x + 0.0).view(np.int64)  # -0.0 -> +0.0
+    k = (bits >> 63) & 0x7FFFFFFFFFFFFFFF
+    k ^= bits
+    nbits = max(1, (d - 1).bit_length())
+    mask = (1 << nbits) - 1
+    packed = k & ~mask
+    packed |= np.arange(d, dtype=np.int64)
+    packed.sort(axis=-1)
+    packed &= mask
+    idx = packed
+    ks = np.take_along_axis(k, idx, axis=-1)
+    bad = np.flatnonzero((ks[:, 1:] < ks[:, :-1]).any(axis=1))
+    if bad.size:  # re-sort those rows by (run of equal high bits, low bits, index): exact
+        kb, ib = ks[bad], idx[bad]
+        if 3 * nbits <= 63:
+            run = np.zeros(kb.shape, np.int64)
+            np.not_equal(kb[:, 1:] >> nbits, kb[:, :-1] >> nbits, out=run[:, 1:])
+            np.cumsum(run, axis=-1, out=run)
+            run <<= 2 * nbits
+            run |= (kb & mask) << nbits
+            run |= ib
+            run.sort(axis=-1)
+            ib = run & mask
+        else:  # pragma: no cover - rows of more than 2**21 elements
+            ib = np.argsort(k[bad], axis=-1)
+        idx[bad] = ib
+        ks[bad] = np.take_along_axis(k[bad], ib, axis=-1)
+    new = np.ones((r, d), np.int32)
+    np.not_equal(ks[:, 1:], ks[:, :-1], out=new[:, 1:])
+    key = np.empty((r, d), np.int32)
+    np.put_along_axis(key, idx, np.cumsum(new, axis=-1, dtype=np.int32), axis=-1)
+    return key
+
+
+def _np_kendall_counts(ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
+    """``(n1, n2, n3, n_d)`` per row as int64 ``(R, 4)`` from int32 order keys ``ka``, ``kb`` ``(R, D)``: pairs
+    tied in a, tied in b, tied in both, and strictly discordant pairs.
+
+    One sort of the int64 keys ``(ka, kb)`` gives the ``(a, b)`` order (position ``j``); a second sort of
+    ``(kb, j)`` gives, for the element of ``(b, a)``-rank ``v``, its ``(a, b)``-rank ``pi[v]``. A pair is
+    counted by ``pi`` as an inversion exactly when it is strictly discordant (a tie in ``a`` or ``b`` keeps
+    the two orders equal), so ``n_d`` is the inversion count of the permutation ``pi``."""
+    r, d = ka.shape
+    joint = ka.astype(np.int64)
+    joint <<= 32
+    joint |= (kb.view(np.uint32) ^ np.uint32(0x80000000)).astype(np.int64)  # signed order as unsigned
+    joint.sort(axis=-1)
+    n3 = _np_tied_pairs(joint)
+    n1 = _np_tied_pairs(joint.view(np.int32)[:, 1::2] if _LITTLE_ENDIAN else joint >> 32)
+    nbits = max(1, (d - 1).bit_length())
+    mask = (1 << nbits) - 1
+    ar = np.arange(d, dtype=np.int64)
+    key = joint & 0xFFFFFFFF
+    key <<= nbits
+    key |= ar
+    key.sort(axis=-1)
+    n2 = _np_tied_pairs(key >> nbits)
+    key &= mask
+    pi = key.astype(np.int32)  # (b, a)-rank -> (a, b)-rank
+    if 2 * nbits <= 32:  # the inverse permutation, from one more sort of packed (pi, index) keys
+        inv = key.astype(np.uint32)
+        inv <<= nbits
+        inv |= ar.astype(np.uint32)
+    else:
+        inv = key << nbits
+        inv |= ar
+    inv.sort(axis=-1)
+    inv &= mask
+    p = inv.astype(np.int32)
+    n_d = _np_inversions_perm(p.reshape(r, 1, d), pi.reshape(r, 1, d))
+    return np.stack([n1, n2, n3, n_d], axis=1)
+
+
+def _kendall_counts_cpu(fa: Tensor, fb: Tensor) -> Tensor:
+    """``(n1, n2, n3, n_d)`` int64 ``(B, 4)`` for CPU maps ``(B, D)``, ``D >= 2``: float32 order keys where the
+    values are float32 (exact), dense ranks otherwise; rows split over the row-sort thread pool in groups of
+    about ``_KENDALL_GROUP_ELEMENTS`` elements (numpy releases the GIL in sorts and ufuncs)."""
+    bsz, d = fa.shape
+    keys = []
+    for x in (fa, fb):
+        k = _float32_order_key(x)
+        keys.append(k.numpy() if k is not None else x.detach().to(torch.float64).numpy())
+    ka, kb = keys
+    out = np.empty((bsz, 4), np.int64)
+    group = max(1, _KENDALL_GROUP_ELEMENTS // d)
+
+    def work(rows: slice) -> None:
+        lo, hi, _ = rows.indices(bsz)
+        for i in range(lo, hi, group):
+            sl = slice(i, min(i + group, hi))
+            xa, xb = ka[sl], kb[sl]
+            xa = xa if xa.dtype == np.int32 else _np_rank_key(xa)
+            xb = xb if xb.dtype == np.int32 else _np_rank_key(xb)
+            out[sl] = _np_kendall_counts(xa, xb)
+
+    _run_rows(work, bsz, fa.numel())
+    return torch.from_numpy(out)
+
+
 def _sum_tied_pairs(tie: Tensor, bsz: int, d: int) -> Tensor:
     """Per row, the number of pairs of equal values, sum over runs of ``c (c - 1) / 2``, as int64 ``(B,)``.
 
@@ -437,8 +676,138 @@ def _window_index(p: Tensor, h: int, w: int, win: int) -> Tensor:
 _WINDOW_TABLE_MAX = 1 << 22  # entries; above this the window indices are computed per step instead
 
 
+_DIV_SLOT_TABLE_MAX = 1 << 24  # entries of the (candidates x window) neighbour table; above it the plain greedy runs
+_DIV_CHECK_EVERY = 64  # scan steps between checks whether every map has its k picks
+
+
 def _topk_div_mask(a: Tensor, k: int, window: int, names: tuple[str, ...] = ("a",)) -> Tensor:
-    """Unchecked core of :func:`topk_div`: ``k`` greedy steps, each one ``max`` and one ``scatter``.
+    """Unchecked core of :func:`topk_div`, by a scan of the pixels in greedy order.
+
+    The greedy "take the best available pixel, then exclude its window" selects exactly the pixels that, in
+    the order (value descending, flat index ascending), come before every *selected* pixel of their window:
+    the best available pixel is the first one in that order not yet excluded. So the candidates are sorted
+    once and scanned in order, one step per candidate for the whole batch: a candidate not yet blocked is
+    selected and blocks the candidates in its window (a neighbour table in candidate-slot space, built
+    vectorised beforehand). Only the first ``M`` candidates are sorted and scanned: ``M`` starts near ``2k``,
+    grows 4x whenever some map has fewer than ``k`` picks (its first picks are unchanged), and never needs to
+    exceed ``(k - 1) K + 1`` (``K = (2w+1)^2``: ``k - 1`` picks block at most ``(k - 1) K`` pixels). The
+    per-step work is a few operations on ``B`` and ``B x K`` elements instead of an arg-max over all
+    candidates; on CPU it runs on numpy views. ``a`` may stack several inputs of equal batch size (``names``,
+    for the error message).
+    """
+    bsz, h, w = a.shape
+    d = h * w
+    win = min(window, max(h, w) - 1)
+    n_win = (2 * win + 1) ** 2
+    bound = min(d, (k - 1) * n_win + 1)
+    m = min(bound, max(2 * k + 64, 256))
+    if bsz == 0:
+        return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
+    flat = _flat(a).detach()
+    while True:
+        if bsz * m * n_win > _DIV_SLOT_TABLE_MAX:
+            return _topk_div_mask_greedy(a, k, window, names)
+        picks, n_sel = _topk_div_scan(flat, h, w, win, k, m)
+        if m == bound or picks is not None:
+            break
+        m = min(bound, 4 * m)
+    ok = n_sel >= k
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()[:5]
+        part = bsz // len(names)
+        where = ", ".join(f"`{names[i // part]}`[{i % part}]" for i in bad.tolist())
+        raise ValueError(
+            f"`k`={k} is too large for top-k-div with window={window} on {h}x{w} maps: {where} ran out of "
+            f"selectable pixels after {n_sel[bad].tolist()} picks (each pick excludes its "
+            f"{2 * win + 1}x{2 * win + 1} window; k <= {math.ceil(d / n_win)} always succeeds)"
+        )
+    selected = torch.zeros(bsz, d, dtype=torch.bool, device=a.device)
+    selected.scatter_(1, picks, True)
+    return selected.reshape(bsz, h, w)
+
+
+def _topk_div_scan(flat: Tensor, h: int, w: int, win: int, k: int, m: int) -> tuple[Tensor | None, Tensor]:
+    """Greedy scan of the ``m`` best candidates of every row of ``flat`` ``(B, D)``: the first ``k`` picks as
+    pixel indices ``(B, k)`` (``None`` if some row has fewer among the ``m`` candidates) and the number of
+    picks, capped at ``k``, ``(B,)``."""
+    bsz, d = flat.shape
+    dev = flat.device
+    if m < d:
+        cand = _topk_mask(flat, m).nonzero()[:, 1].view(bsz, m)  # top-m pixels, increasing index
+        vals = flat.gather(1, cand)
+    else:
+        cand, vals = torch.arange(d, device=dev).expand(bsz, d), flat
+    pix = cand.gather(1, _greedy_order(vals))  # (B, m) pixel of each candidate slot
+    slot = torch.full((bsz, d + 1), m, dtype=torch.long, device=dev)  # pixel -> slot (m: not a candidate)
+    slot.scatter_(1, pix, torch.arange(m, device=dev).expand(bsz, m))
+    table = _window_table(h, w, win, dev)  # (D, K) window pixels, dummy D
+    nbr = slot.gather(1, table[pix].view(bsz, -1)).view(bsz, m, -1)  # (B, m, K) window slots, dummy m
+    # (m, K, B): the window slots of scan step i form one contiguous block; flat into (m + 1, B) "blocked"
+    cols = torch.arange(bsz, device=dev)
+    nbr_t = (nbr.permute(1, 2, 0) * bsz + cols).contiguous()
+    dummy = (m * bsz + cols).expand_as(nbr_t[0]).contiguous()
+    cpu = dev.type == "cpu"
+    if cpu:
+        nbr_t, dummy = nbr_t.numpy(), dummy.numpy()
+        blk = np.zeros((m + 1) * bsz, np.bool_)
+        sel = np.zeros((m, bsz), np.bool_)
+        where, logical_not = np.where, np.logical_not
+    else:
+        blk = torch.zeros((m + 1) * bsz, dtype=torch.bool, device=dev)
+        sel = torch.zeros(m, bsz, dtype=torch.bool, device=dev)
+        where, logical_not = torch.where, torch.logical_not
+    done = m
+    for i in range(m):
+        free = sel[i]
+        logical_not(blk[i * bsz : (i + 1) * bsz], out=free)  # not blocked by an earlier pick: selected
+        blk[where(free, nbr_t[i], dummy)] = True  # ... and it blocks its window
+        if (i + 1) % _DIV_CHECK_EVERY == 0 and bool((sel[: i + 1].sum(0) >= k).all()):
+            done = i + 1
+            break
+    sel_t = (torch.from_numpy(sel) if cpu else sel)[:done].T  # (B, done)
+    rank = sel_t.cumsum(1, dtype=torch.int32)
+    n_sel = rank[:, -1].clamp(max=k)
+    if not bool((n_sel >= k).all()):
+        return None, n_sel
+    first_k = (sel_t & (rank <= k)).nonzero()[:, 1].view(bsz, k)  # slots of the first k picks, in order
+    return pix.gather(1, first_k), n_sel
+
+
+def _greedy_order(vals: Tensor) -> Tensor:
+    """Permutation of every row of ``vals`` ``(B, m)`` into greedy order: value descending, ties by increasing
+    position. float32-valued rows on CPU sort packed int64 keys ``(~float32 order key, position)`` with numpy
+    (one value sort, no arg-sort); otherwise a stable ``torch.sort``."""
+    key = _float32_order_key(vals) if vals.device.type == "cpu" else None
+    if key is None:
+        return torch.sort(vals, dim=1, descending=True, stable=True).indices
+    packed = key.numpy().astype(np.int64)
+    np.invert(packed, out=packed)  # descending values
+    packed <<= 32
+    packed |= np.arange(vals.shape[1], dtype=np.int64)
+    packed.sort(axis=-1)
+    packed &= 0xFFFFFFFF
+    return torch.from_numpy(packed)
+
+
+_WINDOW_TABLES: dict[tuple[int, int, int, str], Tensor] = {}
+
+
+def _window_table(h: int, w: int, win: int, device: torch.device) -> Tensor:
+    """``_window_index`` of every pixel of an ``h x w`` map, ``(h * w, K)``, cached per shape (a few small
+    tables)."""
+    key = (h, w, win, str(device))
+    table = _WINDOW_TABLES.get(key)
+    if table is None:
+        if len(_WINDOW_TABLES) >= 8:
+            _WINDOW_TABLES.clear()
+        table = _window_index(torch.arange(h * w, device=device), h, w, win)
+        _WINDOW_TABLES[key] = table
+    return table
+
+
+def _topk_div_mask_greedy(a: Tensor, k: int, window: int, names: tuple[str, ...] = ("a",)) -> Tensor:
+    """Reference form of :func:`_topk_div_mask` (used when its neighbour table would be too large): ``k``
+    greedy steps, each one ``max`` and one ``scatter``.
 
     Before pick ``j`` at most ``(j - 1) K`` pixels are excluded (``K = (2w+1)^2``), so every pick lies among
     the ``(k - 1) K + 1`` highest-ranked pixels: the greedy runs on those candidates only (kept in increasing
@@ -589,6 +958,10 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     check_two_maps(a, b)
     fa, fb = _flat(a), _flat(b)
     bsz, d = fa.shape
+    n0 = d * (d - 1) // 2
+    if fa.device.type == "cpu" and d >= 2 and bsz > 0:
+        n1, n2, n3, n_d = _kendall_counts_cpu(fa, fb).unbind(1)
+        return _degenerate_corr(n0 - n1 - n2 + n3 - 2 * n_d, n0 - n1, n0 - n2, a.dtype)
     sb, pb = _sort_rows(fb)
     tie_b = _flat_ties(sb)
     del sb
@@ -614,7 +987,6 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     n2 = _sum_tied_pairs(tie_b, bsz, d)
     n3 = _sum_tied_pairs(tie_joint, bsz, d)
     n_d = _count_inversions(y)
-    n0 = d * (d - 1) // 2
     con_minus_dis = n0 - n1 - n2 + n3 - 2 * n_d
     return _degenerate_corr(con_minus_dis, n0 - n1, n0 - n2, a.dtype)
 
