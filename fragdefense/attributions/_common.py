@@ -3,6 +3,8 @@ target-score gradient and row-chunking of expanded batches (IG steps, SmoothGrad
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -16,6 +18,7 @@ __all__ = [
     "TargetType",
     "OutputType",
     "check_model",
+    "allow_unbounded_inputs",
     "check_x",
     "check_target_form",
     "resolve_target",
@@ -51,11 +54,38 @@ def check_model(model: nn.Module) -> nn.Module:
     return model
 
 
+_UNBOUNDED_INPUTS: contextvars.ContextVar[bool] = contextvars.ContextVar("fragdefense_unbounded_inputs", default=False)
+
+
+@contextlib.contextmanager
+def allow_unbounded_inputs() -> Iterator[None]:
+    """Lift the ``[0, 1]`` range check of :func:`check_x` (used by every registered attribution method) for the calls
+    made in this block, in this thread / async context only (a :class:`contextvars.ContextVar`; other threads keep
+    the check). Shape, dtype and finiteness are still checked. Used by randomized smoothing, whose noisy images
+    ``x + eps`` leave ``[0, 1]`` by construction.
+
+    >>> x = torch.full((1, 1, 2, 2), 1.5)
+    >>> with allow_unbounded_inputs():
+    ...     check_x(x).shape
+    torch.Size([1, 1, 2, 2])
+    >>> check_x(x)
+    Traceback (most recent call last):
+    ...
+    ValueError: `x` must hold pixel values in [0, 1] (models normalise internally), got min=1.5, max=1.5
+    """
+    token = _UNBOUNDED_INPUTS.set(True)
+    try:
+        yield
+    finally:
+        _UNBOUNDED_INPUTS.reset(token)
+
+
 def check_x(x: Tensor) -> Tensor:
-    """Images ``(B, C, H, W)`` in ``[0, 1]``, floating, finite, non-empty batch."""
+    """Images ``(B, C, H, W)`` in ``[0, 1]`` (range not checked inside :func:`allow_unbounded_inputs`), floating,
+    finite, non-empty batch."""
     if isinstance(x, Tensor) and x.numel() == 0:
         raise ValueError(f"`x` must be a non-empty batch of images (B, C, H, W), got shape {tuple(x.shape)}")
-    check_images(x.detach() if isinstance(x, Tensor) else x, "x")
+    check_images(x.detach() if isinstance(x, Tensor) else x, "x", unit_range=not _UNBOUNDED_INPUTS.get())
     return x
 
 

@@ -28,9 +28,7 @@ per-image seeds / generators makes each image's result independent of the batch 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,23 +65,14 @@ CORRECTIONS: tuple[str, ...] = ("bonferroni", "holm", "none")
 _CHUNK_ROWS = 256
 _CHUNK_BYTES = 64 * 2**20
 
-_PATCH_LOCK = threading.RLock()
 
+def _unbounded_inputs() -> contextlib.AbstractContextManager[None]:
+    """Lift the ``[0, 1]`` range check of the registered attribution methods for the calls in this block, in this
+    thread only (:func:`fragdefense.attributions._common.allow_unbounded_inputs`; shape, dtype and finiteness are
+    still checked). Noisy images ``x + eps`` of randomized smoothing leave ``[0, 1]`` by construction."""
+    from fragdefense.attributions._common import allow_unbounded_inputs
 
-@contextlib.contextmanager
-def _unbounded_inputs() -> Iterator[None]:
-    """Lift the ``[0, 1]`` range check of the registered attribution methods for the calls in this block (the
-    check lives in :func:`fragdefense.attributions._common.check_x`; shape, dtype and finiteness are still checked).
-    Noisy images ``x + eps`` of randomized smoothing leave ``[0, 1]`` by construction."""
-    from fragdefense.attributions import _common
-
-    with _PATCH_LOCK:
-        original = _common.check_images
-        _common.check_images = functools.partial(original, unit_range=False)
-        try:
-            yield
-        finally:
-            _common.check_images = original
+    return allow_unbounded_inputs()
 
 
 # ----------------------------------------------------------------------------------------------------- checks
