@@ -72,8 +72,6 @@ _BASELINES = ("zeros", "blur", "mean")
 _ROAD_ORDERS = ("morf", "lerf")
 _ROAD_SCORES = ("accuracy", "probability")
 _OUTPUTS = ("probability", "logit")
-#: neighbour weights of the ROAD imputation: 1/6 for the 4 direct, 1/12 for the 4 diagonal neighbours
-_NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,7 +109,7 @@ def _pixel_maps(maps: Any, x: Tensor) -> Tensor:
             f"got shape {tuple(maps.shape)}"
         )
     check_finite(maps, "maps")
-    return maps.to(x.device)
+    return maps.detach().to(x.device)
 
 
 def _check_chunk(chunk_size: Any) -> int | None:
@@ -452,7 +450,7 @@ def noisy_linear_imputation(
     *,
     noise: float = 0.01,
     generator: Any = None,
-    tol: float = 1e-10,
+    tol: float = 1e-8,
     max_iter: int | None = None,
 ) -> Tensor:
     """The noisy linear imputation of ROAD (Rong et al., "A Consistent and Efficient Evaluation Strategy for
@@ -466,7 +464,8 @@ def noisy_linear_imputation(
     Args:
         x: images ``(N, C, H, W)`` (any finite values); mask: ``(N, H, W)`` bool, True = removed.
         noise: standard deviation of the added noise (``>= 0``); generator: seeding convention.
-        tol: relative residual of the solve; max_iter: CG iteration cap (``None``: ``50 (H + W) + 100``).
+        tol: relative residual of the solve (the default 1e-8 leaves errors of about 5e-8 on 32 x 32 images, below
+            float32 resolution); max_iter: CG iteration cap (``None``: ``50 (H + W) + 100``).
 
     >>> x = torch.zeros(1, 1, 3, 3); x[0, 0, :, 0] = 1.0  # left column white
     >>> m = torch.zeros(1, 3, 3, dtype=torch.bool); m[0, 1, 1] = True
@@ -502,7 +501,7 @@ def road(
     score: str = "accuracy",
     generator: Any = None,
     chunk_size: int | None = None,
-    tol: float = 1e-10,
+    tol: float = 1e-8,
     max_iter: int | None = None,
     return_curve: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
