@@ -157,7 +157,8 @@ def explainer_specs(explainers: Any, *, check_gradient_attacks: Sequence[str] = 
 class Cell:
     """One (explainer, attack, eps) of the grid (``kind="attack"``). The same record names the other evaluations
     of a run: the explanation scores of an explainer's clean maps (``kind="quality"``, ``attack`` empty, eps 0)
-    and the robust accuracy under a label attack (``kind="robust"``, ``explainer`` empty)."""
+    and the robust accuracy under a label attack (``kind="robust"``, ``explainer`` empty), and the certified
+    attributions of an explainer (``kind="certify"``, ``attack`` empty, eps 0)."""
 
     explainer: str
     attack: str
@@ -167,9 +168,11 @@ class Cell:
     @property
     def key(self) -> str:
         """A file-name-safe identifier, e.g. ``saliency__topk__8_255``, ``saliency__quality``,
-        ``robust__autoattack__8_255``."""
+        ``robust__autoattack__8_255``, ``saliency__certify``."""
         if self.kind == "quality":
             raw = f"{self.explainer}__quality"
+        elif self.kind == "certify":
+            raw = f"{self.explainer}__certify"
         elif self.kind == "robust":
             raw = f"robust__{self.attack}__{self.eps}"
         else:
