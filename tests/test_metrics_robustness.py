@@ -361,3 +361,28 @@ def test_explain_output_checked(setup):
     net, x, y, _, _ = setup
     with pytest.raises(ValueError, match="`explain`"):
         R.max_sensitivity(net, x, y, lambda xx, yy: torch.zeros(xx.shape[0], 3), n_samples=2)
+
+
+def test_logits_read_from_the_explanation_forward(setup):
+    """A make_explain saliency of the same model: the stabilities read the logits / representation from its forward
+    pass (no forward of their own); the scores equal those of the plain path (own forward passes)."""
+    net, x, y, explain, xp = setup
+    assert explain.forward_at_input and not R.make_explain(net, "beta_smooth").forward_at_input
+    forwards = [0]
+    h = net.register_forward_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        R.relative_output_stability(net, x, y, explain, n_samples=3, chunk_size=4, generator=0)
+        assert forwards[0] == 1 + 4  # the clean explanation and one per chunk, nothing else
+        forwards[0] = 0
+        R.relative_output_stability(net, x, y, explain, n_samples=3, chunk_size=4, generator=0, maps=explain(x, y))
+        assert forwards[0] == 1 + 1 + 4  # the maps given above, the clean logits, one per chunk
+    finally:
+        h.remove()
+    fast = R.robustness_scores(net, x, y, explain, perturbations=xp, chunk_size=6)
+    plain = R.robustness_scores(net, x, y, lambda a, b: explain(a, b), perturbations=xp, chunk_size=6)
+    for name in R.ROBUSTNESS_SCORES:
+        torch.testing.assert_close(fast[name], plain[name], rtol=RTOL, atol=ATOL, equal_nan=True)
+    for layer in ("backbone.features.16", None):
+        f = R.relative_representation_stability(net, x, y, explain, perturbations=xp, layer=layer)
+        p = R.relative_representation_stability(net, x, y, lambda a, b: explain(a, b), perturbations=xp, layer=layer)
+        torch.testing.assert_close(f, p, rtol=RTOL, atol=ATOL, equal_nan=True)

@@ -24,10 +24,13 @@ independent of the batch it is in). ``perturbations`` (``(n_samples, B, C, H, W)
 instead (used as given), e.g. to score several methods on identical samples.
 
 **Batching.** The ``B * n_samples`` perturbed images are explained in chunks of ``chunk_size`` (default: all at
-once), so ``explain`` is called ``ceil(B * n_samples / chunk_size)`` times; the scores that need the model's
-output (the relative output / representation stabilities, and every score with ``keep_prediction=True``) add one
-forward pass per chunk and one on the clean images. :func:`robustness_scores` computes several scores from one
-set of samples and one pass.
+once), so ``explain`` is called ``ceil(B * n_samples / chunk_size)`` times (plus once for the clean maps when
+``maps`` is ``None``). The scores that need the model's output (the relative output / representation
+stabilities, and every score with ``keep_prediction=True``) read it from the explanation's own forward pass when
+``explain`` is a :func:`make_explain` saliency or input x gradient of the same model (its one forward pass is the
+plain model at the explained images; the input is checked), and otherwise add one no-grad forward pass per chunk
+and one on the clean images. :func:`robustness_scores` computes several scores from one set of samples and one
+pass.
 
 **Differences from Quantus 0.6** (every other detail matches it; ``tests/test_metrics_robustness.py`` compares
 the scores on identical samples):
@@ -95,6 +98,8 @@ ROBUSTNESS_SCORES = (
 )
 _STABILITIES = ROBUSTNESS_SCORES[3:]
 _NORMS = ("linf", "l2")
+#: registered methods whose only forward pass is the plain model at the explained images
+_FORWARD_AT_INPUT = ("saliency", "input_x_gradient")
 #: added to the input distance of the local Lipschitz estimate (Quantus' ``lipschitz_constant``)
 LIPSCHITZ_EPS = 1e-10
 
@@ -128,6 +133,9 @@ def make_explain(
         return to_map(spec(model, x, y, **method_opts), reduce=reduce, normalize=normalize).detach()
 
     explain.__name__ = f"explain_{spec.name}"
+    explain.model = model  # type: ignore[attr-defined]
+    # one plain forward pass of `model` at the explained images (the scores may read the logits from it)
+    explain.forward_at_input = method in _FORWARD_AT_INPUT and not method_opts  # type: ignore[attr-defined]
     return explain
 
 
@@ -398,47 +406,82 @@ def robustness_scores(
     total = b * n
     step = total if chunk_size is None else chunk_size
 
-    reps: list[Tensor] = []
-    capture = [False]  # the hook records only our own forward passes, not those inside `explain`
+    # The logits / representation of an image batch come from our own no-grad forward pass, or - when `explain`
+    # is a make_explain saliency / input x gradient of this very model, whose one forward pass is the plain model
+    # at the explained images - from that pass (its input is checked to equal the batch), saving a forward.
+    reuse = need_forward and getattr(explain, "forward_at_input", False) and getattr(explain, "model", None) is model
+    state: dict[str, Any] = {"on": False, "target": None, "rep": None, "hit": None}
 
     def grab(_m: nn.Module, inp: Any, out: Any = None) -> None:
-        if not capture[0]:
+        if not state["on"]:
             return
         t = inp[0] if read_input else out
         if isinstance(t, (tuple, list)):
             t = t[0]
         if not isinstance(t, Tensor):
             raise TypeError(f"`layer` must produce a tensor, got {type(t).__name__}")
-        reps.append(t.detach().reshape(t.shape[0], -1))
+        state["rep"] = t.detach().reshape(t.shape[0], -1)
 
-    def forward(inp: Tensor) -> Tensor:
-        capture[0] = True
+    def start(_m: nn.Module, inp: Any) -> None:
+        state["rep"] = None
+
+    def finish(m: nn.Module, inp: Any, out: Any) -> None:
+        tgt = state["target"]
+        if state["hit"] is not None or tgt is None or m is not model or not isinstance(out, Tensor):
+            return
+        t = inp[0] if inp else None
+        if isinstance(t, Tensor) and t.shape == tgt.shape and torch.equal(t.detach(), tgt):
+            state["hit"] = (out.detach(), state["rep"])
+
+    def run(inp: Tensor, lab: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(maps, logits, representation) of a batch."""
+        state.update(on=reuse, target=inp if reuse else None, hit=None)
+        try:
+            m = _explain_checked(explain, inp, lab)
+        finally:
+            state.update(on=False, target=None)
+        if not need_forward:
+            return m, None, None
+        if state["hit"] is not None:
+            return m, *state["hit"]
+        state["on"] = True
         try:
             with torch.no_grad():
-                return model(inp)
+                logits = model(inp)
         finally:
-            capture[0] = False
+            state["on"] = False
+        return m, logits, state["rep"]
 
-    handle = None
-    if need_rep:
-        assert hook_module is not None
-        handle = hook_module.register_forward_pre_hook(grab) if read_input else hook_module.register_forward_hook(grab)
+    handles = []
     try:
+        if need_rep:
+            assert hook_module is not None
+            handles.append(
+                hook_module.register_forward_pre_hook(grab) if read_input else hook_module.register_forward_hook(grab)
+            )
+        if reuse:
+            handles += [model.register_forward_pre_hook(start), model.register_forward_hook(finish)]
         with eval_mode(model):
+            logits0 = rep0 = None
             if maps is None:
-                maps = _explain_checked(explain, x, y)
-            logits0 = forward(x) if need_forward else None
-            rep0 = torch.cat(reps) if need_rep else None
-            reps.clear()
-            out_maps, out_logits = [], []
+                maps, logits0, rep0 = run(x, y)
+            elif need_forward:  # clean maps given: a forward pass is enough
+                state["on"] = True
+                try:
+                    with torch.no_grad():
+                        logits0 = model(x)
+                finally:
+                    state["on"] = False
+                rep0 = state["rep"]
+            out_maps, out_logits, out_reps = [], [], []
             for s in range(0, total, step):
-                xc = xflat[s : s + step]
-                out_maps.append(_explain_checked(explain, xc, yflat[s : s + step]))
-                if need_forward:
-                    out_logits.append(forward(xc))
+                m, lg, rp = run(xflat[s : s + step], yflat[s : s + step])
+                out_maps.append(m)
+                out_logits.append(lg)
+                out_reps.append(rp)
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in handles:
+            h.remove()
 
     a = maps.to(x.dtype).reshape(b, 1, hw)
     ap = torch.cat(out_maps).to(x.dtype).reshape(b, n, hw)
@@ -484,7 +527,7 @@ def robustness_scores(
             res[name] = _masked_max(num / den, keep(name))  # type: ignore[operator]
         else:
             assert rep0 is not None
-            rp = torch.cat(reps).to(x.dtype).reshape(b, n, -1)
+            rp = torch.cat(out_reps).to(x.dtype).reshape(b, n, -1)  # type: ignore[arg-type]
             den = _relative(rep0.to(x.dtype)[:, None], rp, eps_min).clamp_min(eps_min)
             res[name] = _masked_max(num / den, keep(name))  # type: ignore[operator]
     return res
@@ -508,7 +551,8 @@ _COMMON_DOC = """
         radius: the neighbourhood's radius in pixel units (a number or ``"8/255"``), finite and ``> 0``.
         n_samples: perturbed copies per image (default 10; the number of ``perturbations`` when given).
         norm: ``"linf"`` (uniform noise in ``[-radius, radius]``) or ``"l2"`` (uniform in the L2 ball).
-        clamp: clamp the perturbed images to ``[0, 1]`` (Quantus does not clamp: ``clamp=False``).
+        clamp: clamp the perturbed images to ``[0, 1]`` (Quantus does not clamp: ``clamp=False``; the
+            registered attribution methods reject images outside ``[0, 1]``).
         generator: ``None``, an int seed, a ``torch.Generator`` or a list of per-image seeds / generators.
         chunk_size: perturbed images per ``explain`` call (default: all ``B * n_samples`` at once).
         maps: the clean maps ``explain(x, y)`` ``(B, H, W)`` (computed when ``None``).
