@@ -191,6 +191,8 @@ def test_csv_history_continues_across_resume_without_loss_or_duplicates(resumed_
     for r in first:
         assert any(all(r[k] == n.get(k, "") for k in r) for n in rows), r
     assert resumed_run["summary"]["epochs"] == 3
+    ck = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert len(ck["callbacks"]["EpochTimer"]["epoch_seconds"]) == 3  # every epoch's time, across the resume
 
 
 # ---------------------------------------------------------------- 9. Hessian history across a resume

@@ -27,7 +27,7 @@ from fragdefense.cli._config import config_dir
 from fragdefense.models import model_config_for_checkpoint
 from fragdefense.utils.io import RunDirLock, atomic_write_json, atomic_write_text
 
-__all__ = ["train", "main"]
+__all__ = ["train", "main", "validate_train_config"]
 
 log = logging.getLogger("fragdefense.train")
 
