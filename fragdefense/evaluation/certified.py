@@ -5,7 +5,9 @@ Each explainer's maps are certified pixel by pixel by randomized smoothing
 Explanations via Randomized Smoothing"): a cell ``kind="certify"`` per explainer (key ``<explainer>__certify``), one
 row per image, seeded **per image** -- the noise of image ``i`` comes from
 ``image_seed(seed, explainer, "certify", i)`` and the random pixels of its certified-deletion baseline from
-``image_seed(seed, explainer, "certify", i, "deletion")`` -- so a row does not depend on the batch it is in. Cells go
+``image_seed(seed, explainer, "certify", i, "deletion")``; a method with its own noise (SmoothGrad: a ``generator``
+option) draws it from ``image_seed(seed, explainer, "certify", i, "method")`` -- so a row does not depend on the
+batch it is in. Cells go
 through the same resumable :class:`~fragdefense.evaluation.store.CellStore` as the attack and quality cells.
 
 Rows: ``image``, ``label`` (the explained class: the true label), ``certified_rate`` (share of pixels certified),
@@ -168,6 +170,70 @@ def _num(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _seeds_method(explainer: ExplainerSpec) -> bool:
+    """Whether the method draws its own noise through a ``generator`` option that the user did not set (SmoothGrad):
+    such a method gets a per-image ``torch.Generator`` and is certified one image at a time."""
+    import inspect
+
+    from fragdefense.attributions.registry import resolve_attribution
+
+    if "generator" in explainer.opts or "seed" in explainer.opts or "noise" in explainer.opts:
+        return False
+    try:
+        return "generator" in inspect.signature(resolve_attribution(explainer.method).fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _certify(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ids: list[int],
+    explainer: ExplainerSpec,
+    s: dict[str, Any],
+    seed: int,
+    dev: torch.device,
+    stochastic: bool,
+) -> Any:
+    """:func:`~fragdefense.certify.certify_attribution` with the per-image seeds; a method with its own noise gets
+    its own per-image generator ``image_seed(seed, explainer, "certify", id, "method")`` (the state advances over
+    the image's noisy samples, so they stay independent) and runs image by image (each call still batches the
+    ``n0 + n`` noisy copies)."""
+    from fragdefense.certify import certify_attribution
+    from fragdefense.certify.smoothing import CertifiedAttribution
+
+    kw = dict(
+        sigma=s["sigma"], n0=s["n0"], n=s["n"], tau=s["tau"], alpha=s["alpha"], top_percent=s["top_percent"],
+        correction=s["correction"], chunk_size=s["chunk_size"], reduce=s["reduce"],
+    )  # fmt: skip
+    seeds = [image_seed(seed, explainer.label, "certify", i) for i in ids]
+    if not stochastic:
+        gens = make_generator(seeds, dev)
+        return certify_attribution(
+            model, x, explainer.method, target=y, generator=gens, method_opts=dict(explainer.opts), **kw
+        )
+    parts = []
+    for j, i in enumerate(ids):
+        g = make_generator(image_seed(seed, explainer.label, "certify", i, "method"), dev)
+        opts = {**explainer.opts, "generator": g}
+        parts.append(
+            certify_attribution(
+                model, x[j : j + 1], explainer.method, target=y[j : j + 1], generator=[seeds[j]], method_opts=opts, **kw
+            )
+        )
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    cat = {
+        k: torch.cat([getattr(p, k) for p in parts])
+        for k in ("labels", "radius", "certified_rate", "counts", "selected", "p_lower", "p_values", "target")
+    }
+    rest = {k: getattr(first, k) for k in ("common_radius", "k", "sigma", "n0", "n", "tau", "alpha", "top_percent",
+                                            "correction", "method", "settings")}  # fmt: skip
+    return CertifiedAttribution(**cat, **rest)
+
+
 def run_certify_cell(
     model: nn.Module,
     data: Iterable[Any],
@@ -210,7 +276,7 @@ def run_certify_cell(
             0 not important, -1 abstain), ``radius`` (per-pixel certified radius), ``label``, ``id``.
     """
     from fragdefense.attributions.maps import to_map
-    from fragdefense.certify import certified_deletion, certified_localization, certify_attribution
+    from fragdefense.certify import certified_deletion, certified_localization
 
     s = check_certify_settings(
         dict(
@@ -225,6 +291,7 @@ def run_certify_cell(
     rows: list[dict[str, Any]] = []
     n_skipped = 0
     examples: dict[str, list[Tensor]] = {k: [] for k in ("x", "clean_map", "labels", "radius", "label", "id")}
+    stochastic = _seeds_method(explainer)
     was_training = model.training
     model.eval()
     try:
@@ -238,12 +305,7 @@ def run_certify_cell(
             if keep:
                 mask = _mask_for(masks, batch_mask, ids, keep)
                 xk, yk, ik = xb[keep], yb[keep], [ids[j] for j in keep]
-                gens = make_generator([image_seed(seed, explainer.label, "certify", i) for i in ik], dev)
-                res = certify_attribution(
-                    model, xk, explainer.method, sigma=s["sigma"], n0=s["n0"], n=s["n"], tau=s["tau"],
-                    alpha=s["alpha"], top_percent=s["top_percent"], correction=s["correction"], target=yk,
-                    chunk_size=s["chunk_size"], generator=gens, method_opts=dict(explainer.opts), reduce=s["reduce"],
-                )  # fmt: skip
+                res = _certify(model, xk, yk, ik, explainer, s, seed, dev, stochastic)
                 dgen = make_generator([image_seed(seed, explainer.label, "certify", i, "deletion") for i in ik], dev)
                 dele = certified_deletion(model, xk, res, generator=dgen)
                 curve = res.certified_rate_at(radii).cpu().tolist()
@@ -273,7 +335,12 @@ def run_certify_cell(
 
                     spec = resolve_attribution(explainer.method, "method")
                     xe = xk[take]
-                    clean = to_map(spec(model, xe, yk[take], **explainer.opts).detach(), s["reduce"], normalize=False)
+                    eopts = dict(explainer.opts)
+                    if stochastic:
+                        eopts["generator"] = make_generator(
+                            image_seed(seed, explainer.label, "certify", "examples"), dev
+                        )
+                    clean = to_map(spec(model, xe, yk[take], **eopts).detach(), s["reduce"], normalize=False)
                     for j in take:
                         examples["x"].append(xe[j].detach().cpu())
                         examples["clean_map"].append(clean[j].cpu())

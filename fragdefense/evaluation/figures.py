@@ -195,14 +195,19 @@ _CERT_COLOURS = (("abstain", "#9e9e9e"), ("not important", "#1f3b73"), ("importa
 
 
 def plot_certified_maps(
-    examples: dict[str, torch.Tensor], radii: Sequence[float], path: str | Path, title: str = ""
+    examples: dict[str, torch.Tensor],
+    radii: Sequence[float],
+    path: str | Path,
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Certified attribution maps (Anani, Lorenz, Fritz & Schiele, "Pixel-level Certified Explanations via Randomized
     Smoothing", Fig. 1): per image a row original | attribution map | certified map at each radius of ``radii``
     (usually two). At radius ``r`` a pixel shows its certified label (important / not important) when it is certified
     with radius ``>= r``, else abstain. ``examples``: ``x`` (N, C, H, W), ``clean_map`` (N, H, W), ``labels``
     (N, H, W; 1 / 0 / -1 abstain) and ``radius`` (N, H, W), as kept by
-    :func:`~fragdefense.evaluation.certified.run_certify_cell` with ``n_examples``.
+    :func:`~fragdefense.evaluation.certified.run_certify_cell` with ``n_examples``; ``row_labels`` (e.g. the method
+    of each row) are put in the first column's titles.
 
     >>> import tempfile, pathlib
     >>> ex = {"x": torch.rand(2, 3, 4, 4), "clean_map": torch.rand(2, 4, 4),
@@ -223,7 +228,11 @@ def plot_certified_maps(
         labels = examples["labels"][i].to(torch.int64)
         radius = examples["radius"][i].to(torch.float64)
         panels: list[tuple[str, Any, dict[str, Any]]] = [
-            ("image", examples["x"][i].permute(1, 2, 0).clamp(0, 1).float().numpy(), {}),
+            (
+                "image" if row_labels is None else f"image ({row_labels[i]})",
+                examples["x"][i].permute(1, 2, 0).clamp(0, 1).float().numpy(),
+                {},
+            ),
             ("map", examples["clean_map"][i].float().numpy(), {"cmap": "hot"}),
         ]
         for r in radii:
