@@ -528,7 +528,8 @@ def _np_rank_key(x: np.ndarray) -> np.ndarray:
     new = np.ones((r, d), np.int32)
     np.not_equal(ks[:, 1:], ks[:, :-1], out=new[:, 1:])
     key = np.empty((r, d), np.int32)
-    np.put_along_axis(key, idx, np.cumsum(new, axis=-1, dtype=np.int32), axis=-1)
+    idx += np.arange(0, r * d, d, dtype=np.int64).reshape(r, 1)  # flat scatter: 3x cheaper than put_along_axis
+    key.reshape(-1)[idx.reshape(-1)] = np.cumsum(new, axis=-1, dtype=np.int32).reshape(-1)
     return key
 
 
@@ -557,16 +558,9 @@ def _np_kendall_counts(ka: np.ndarray, kb: np.ndarray) -> np.ndarray:
     n2 = _np_tied_pairs(key >> nbits)
     key &= mask
     pi = key.astype(np.int32)  # (b, a)-rank -> (a, b)-rank
-    if 2 * nbits <= 32:  # the inverse permutation, from one more sort of packed (pi, index) keys
-        inv = key.astype(np.uint32)
-        inv <<= nbits
-        inv |= ar.astype(np.uint32)
-    else:
-        inv = key << nbits
-        inv |= ar
-    inv.sort(axis=-1)
-    inv &= mask
-    p = inv.astype(np.int32)
+    key += np.arange(0, r * d, d, dtype=np.int64).reshape(r, 1)
+    p = np.empty((r, d), np.int32)  # the inverse permutation, by a flat scatter
+    p.reshape(-1)[key.reshape(-1)] = np.broadcast_to(ar.astype(np.int32), (r, d)).reshape(-1)
     n_d = _np_inversions_perm(p.reshape(r, 1, d), pi.reshape(r, 1, d))
     return np.stack([n1, n2, n3, n_d], axis=1)
 
@@ -688,9 +682,10 @@ def _topk_div_mask(a: Tensor, k: int, window: int, names: tuple[str, ...] = ("a"
     the best available pixel is the first one in that order not yet excluded. So the candidates are sorted
     once and scanned in order, one step per candidate for the whole batch: a candidate not yet blocked is
     selected and blocks the candidates in its window (a neighbour table in candidate-slot space, built
-    vectorised beforehand). Only the first ``M`` candidates are sorted and scanned: ``M`` starts near ``2k``,
-    grows 4x whenever some map has fewer than ``k`` picks (its first picks are unchanged), and never needs to
-    exceed ``(k - 1) K + 1`` (``K = (2w+1)^2``: ``k - 1`` picks block at most ``(k - 1) K`` pixels). The
+    vectorised beforehand). Only the first ``M`` candidates are sorted and scanned: ``M`` starts near ``2k``
+    (or at the bound when that is at most 4x more), grows 4x whenever some map has fewer than ``k`` picks (its
+    first picks are unchanged), and never needs to exceed ``(k - 1) K + 1`` (``K = (2w+1)^2``: ``k - 1``
+    picks block at most ``(k - 1) K`` pixels); the scan stops once every map has ``k`` picks. The
     per-step work is a few operations on ``B`` and ``B x K`` elements instead of an arg-max over all
     candidates; on CPU it runs on numpy views. ``a`` may stack several inputs of equal batch size (``names``,
     for the error message).
@@ -701,6 +696,8 @@ def _topk_div_mask(a: Tensor, k: int, window: int, names: tuple[str, ...] = ("a"
     n_win = (2 * win + 1) ** 2
     bound = min(d, (k - 1) * n_win + 1)
     m = min(bound, max(2 * k + 64, 256))
+    if bound <= 4 * m:  # one scan of every candidate the greedy can need costs less than a second scan
+        m = bound
     if bsz == 0:
         return torch.zeros(a.shape, dtype=torch.bool, device=a.device)
     flat = _flat(a).detach()
@@ -756,14 +753,16 @@ def _topk_div_scan(flat: Tensor, h: int, w: int, win: int, k: int, m: int) -> tu
         blk = torch.zeros((m + 1) * bsz, dtype=torch.bool, device=dev)
         sel = torch.zeros(m, bsz, dtype=torch.bool, device=dev)
         where, logical_not = torch.where, torch.logical_not
-    done = m
+    done, count = m, 0
     for i in range(m):
         free = sel[i]
         logical_not(blk[i * bsz : (i + 1) * bsz], out=free)  # not blocked by an earlier pick: selected
         blk[where(free, nbr_t[i], dummy)] = True  # ... and it blocks its window
-        if (i + 1) % _DIV_CHECK_EVERY == 0 and bool((sel[: i + 1].sum(0) >= k).all()):
-            done = i + 1
-            break
+        if (i + 1) % _DIV_CHECK_EVERY == 0:
+            count = count + sel[i + 1 - _DIV_CHECK_EVERY : i + 1].sum(0)
+            if bool((count >= k).all()):
+                done = i + 1
+                break
     sel_t = (torch.from_numpy(sel) if cpu else sel)[:done].T  # (B, done)
     rank = sel_t.cumsum(1, dtype=torch.int32)
     n_sel = rank[:, -1].clamp(max=k)
@@ -934,13 +933,14 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
 
     :math:`\tau_b = (n_c - n_d) / \sqrt{(n_0 - n_1)(n_0 - n_2)}` with :math:`n_0 = D(D-1)/2`, :math:`n_1`,
     :math:`n_2` the pairs tied in ``a`` / in ``b``, :math:`n_3` the pairs tied in both, and
-    :math:`n_c - n_d = n_0 - n_1 - n_2 + n_3 - 2 n_d`. Knight's algorithm: a sort of ``b`` gives its dense
-    ranks, one sort of the int64 keys ``(a, rank of b)`` gives the lexicographic order (``a`` enters as its
-    float32 bit pattern, or, for float64 values that are not float32, as a dense rank from a third sort); then
-    :math:`n_d` is the number of strict inversions of ``b``'s ranks in that order, counted for the whole batch
-    at once by a vectorised radix merge (O(D log D) per sample, no O(D^2) pair enumeration). Tie counts come
-    from the runs of equal sorted keys. All counts are exact int64; the final ratio is float64. On CPU the
-    sorts are numpy's (see ``_sort_rows``).
+    :math:`n_c - n_d = n_0 - n_1 - n_2 + n_3 - 2 n_d`. Knight's algorithm, no O(D^2) pair enumeration. On CPU
+    (numpy, rows split over ``torch.get_num_threads()`` threads): each map enters as int32 order keys (its
+    float32 bit pattern, or dense ranks for float64 values that are not float32); one sort of the packed int64
+    keys ``(a, b)`` and one of ``(b, position in that order)`` give the permutation between the two
+    lexicographic orders, whose inversions are exactly the discordant pairs, counted by a two-dimensional
+    block decomposition (``_np_inversions_perm``). Elsewhere a sort of ``b`` gives its dense ranks, one sort of
+    the keys ``(a, rank of b)`` the order, and :math:`n_d` is counted by a vectorised radix merge. Tie counts
+    come from the runs of equal sorted keys. All counts are exact int64; the final ratio is float64.
 
     Degenerate cases (scipy returns NaN): if **both** maps of a sample are constant the result is ``1.0``;
     if **exactly one** is constant it is ``0.0``. ``D == 1`` counts as constant.
@@ -1061,8 +1061,9 @@ def topk_div(a: Tensor, k: int, window: int) -> Tensor:
 
     Greedy: repeat ``k`` times — take the highest-valued pixel that is still available (ties: lower flat
     index), then make its whole ``(2w+1) x (2w+1)`` window (clipped at the borders, no row wrap-around)
-    unavailable. Selected pixels are therefore more than ``window`` apart in Chebyshev distance. Sequential in
-    ``k`` (one argmax per step), batched over ``B``.
+    unavailable. Selected pixels are therefore more than ``window`` apart in Chebyshev distance. Computed as
+    one scan of the best candidates in greedy order (value descending, lower index first), batched over
+    ``B``: a candidate is picked unless an earlier pick's window covers it.
 
     Degenerate case: if some sample runs out of available pixels before ``k`` picks (the windows cover the
     image), a ``ValueError`` naming ``k`` is raised (how many picks fit is data dependent; at least
