@@ -131,7 +131,7 @@ def test_zero_attacked_images_give_a_defined_record(tmp_path):
     assert agg["n_images"] == 0 and agg["n_skipped"] == 5
     assert agg["label_kept_rate"] is None and "topk_intersection" not in agg
     rec = {"method": "saliency", "attack": "topk", "epsilon": 8 / 255, "epsilon_255": 8.0, **agg}
-    assert "attacked no image" in grid_table([rec]) and "| 0 |" in grid_table([rec])
+    assert "attacked no image" in grid_table([rec]) and "| 0 / 0 |" in grid_table([rec])
     assert plot_metrics_vs_eps([rec], tmp_path / "m.png").is_file()  # no crash, one "no attacked images" panel
     assert aggregate_rows([])["n_images"] == 0
 
@@ -262,7 +262,17 @@ def test_defense_comparison_one_command(ckpt, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     cfg = compose_config(
         "eval",
-        [f"checkpoints=[{ckpt},{other / 'last.ckpt'}]", f"out_dir={out}", *DATA, *GRID, "figures=false"],
+        [
+            f"checkpoints=[{ckpt},{other / 'last.ckpt'}]",
+            f"out_dir={out}",
+            *DATA,
+            *GRID,
+            "figures=false",
+            "quality.scores=[deletion_auc,road_morf]",
+            "+quality.opts={deletion_auc:{steps:4},road_morf:{percentages:[0.2,0.5]}}",
+            "robust_accuracy.attacks=[pgd]",
+            "robust_accuracy.steps=3",
+        ],
     )
     payload = evaluate(cfg)
     names = [r["name"] for r in payload["defenses"]]
@@ -270,6 +280,15 @@ def test_defense_comparison_one_command(ckpt, tmp_path, monkeypatch):
     assert payload["attack"] == "topk" and [r["method"] for r in payload["defenses"]] == ["saliency", "saliency"]
     r0, r1 = payload["defenses"]
     assert r0["clean_accuracy"] == r1["clean_accuracy"] and r0["robustness"] == r1["robustness"]  # same model
+    # the comparison shows robust accuracy and the clean maps' faithfulness beside map robustness
+    assert set(r0["robust_accuracy"]) == {"pgd@8/255"} and set(r0["quality"]) == {"deletion_auc", "road_morf"}
+    assert r0["robust_accuracy"] == r1["robust_accuracy"] and r0["quality"] == r1["quality"]
+    res0 = json.loads((out / "defenses" / r0["name"] / "results.json").read_text())
+    assert res0["robust_accuracy"][0]["robust_accuracy"] == r0["robust_accuracy"]["pgd@8/255"]
+    assert res0["robust_accuracy"][0]["robust_accuracy"] <= res0["robust_accuracy"][0]["clean_accuracy"]
+    assert 0.0 <= r0["quality"]["deletion_auc"] <= 1.0
+    md = (out / "comparison.md").read_text()
+    assert "robust acc pgd@8/255 (%)" in md and "deletion AUC ↓" in md and "ROAD MoRF ↓" in md
     assert (out / "comparison.md").read_text().count("|") > 10 and (out / "comparison.png").is_file()
     assert (out / "defenses" / "defense_b" / "results.json").is_file()
     run = _read_run(out)

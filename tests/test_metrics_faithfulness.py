@@ -516,19 +516,20 @@ def test_registered_explanation_scores():
     }
     for n, better in expected.items():
         assert METRICS[n].kind == "explanation" and METRICS[n].similarity is better and not METRICS[n].report
+    # each score gets its own settings, flat (keyword arguments of its functional form, plus the generator)
     opts = {
-        "generator": [1, 2, 3, 4],
-        "baseline": "mean",
-        "deletion_auc": {"steps": 8},
-        "insertion_auc": {"steps": 8},
-        "road": {"percentages": (20, 60), "score": "probability"},
-        "faithfulness_correlation": {"subset_size": 12, "n_runs": 6},
+        "deletion_auc": {"steps": 8, "baseline": "mean"},
+        "insertion_auc": {"steps": 8, "baseline": "mean"},
+        "road_lerf": {"percentages": (20, 60), "score": "probability", "generator": [1, 2, 3, 4]},
+        "faithfulness_correlation": {"subset_size": 12, "n_runs": 6, "baseline": "mean", "generator": [1, 2, 3, 4]},
     }
-    out = compute_explanation_scores(model, x, y, maps, None, list(expected), opts)
+    out = {n: compute_explanation_scores(model, x, y, maps, None, [n], o)[n] for n, o in opts.items()}
     torch.testing.assert_close(out["deletion_auc"], deletion_auc(model, x, y, maps, steps=8, baseline="mean"))
     torch.testing.assert_close(out["insertion_auc"], insertion_auc(model, x, y, maps, steps=8, baseline="mean"))
     ref = road(model, x, y, maps, percentages=(20, 60), score="probability", order="lerf", generator=[1, 2, 3, 4])
     torch.testing.assert_close(out["road_lerf"], ref)
     ref = faithfulness_correlation(model, x, y, maps, subset_size=12, n_runs=6, baseline="mean", generator=[1, 2, 3, 4])
     torch.testing.assert_close(out["faithfulness_correlation"], ref)
+    with pytest.raises(ValueError, match=r"road: unknown option\(s\) \['baseline'\]"):
+        compute_explanation_scores(model, x, y, maps, None, ["road_morf"], {"baseline": "mean"})
     assert FM.__all__

@@ -294,11 +294,13 @@ def test_registered_as_explanation_scores(setup):
     assert all(n in list_metrics(kind="explanation") for n in names)
     assert all(get_metric(n).similarity is False and get_metric(n).report is False for n in names)
     out = compute_explanation_scores(
-        net, x, y, explain(x, y), explain, names, {"perturbations": xp, "keep_prediction": False, "k": 5}
+        net, x, y, explain(x, y), explain, names, {"perturbations": xp, "keep_prediction": False}
     )
     ref = R.robustness_scores(net, x, y, explain, perturbations=xp, keep_prediction=False)
     for n in names:
         torch.testing.assert_close(out[n], ref[n], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"max_sensitivity: unknown option\(s\) \['k'\]"):
+        compute_explanation_scores(net, x, y, explain(x, y), explain, ["max_sensitivity"], {"k": 5})
 
 
 def test_make_explain_normalize(setup):

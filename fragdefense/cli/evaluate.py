@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fragdefense.attacks import get_attack, list_attacks
 from fragdefense.attacks.registry import list_criteria
+from fragdefense.attacks.robust_accuracy import list_label_attacks
 from fragdefense.attributions import REDUCTIONS, list_attributions
 from fragdefense.cli._common import check_beta, common_spec, import_plugins, require_model_source, selected_indices
 from fragdefense.cli._common import load_model as _load_model
@@ -54,6 +55,7 @@ from fragdefense.evaluation.figures import (
     plot_metrics_vs_eps,
     plot_robustness_vs_cost,
 )
+from fragdefense.evaluation.quality import run_quality, run_robust_accuracy
 from fragdefense.evaluation.report import (
     compare_table,
     comparison_table,
@@ -61,8 +63,11 @@ from fragdefense.evaluation.report import (
     grid_table,
     pgd_table,
     protocol_block,
+    quality_table,
+    robust_accuracy_table,
     seed_table,
 )
+from fragdefense.metrics.registry import list_metrics
 from fragdefense.utils.checks import (
     check_bool,
     check_budget_list,
@@ -181,7 +186,29 @@ def config_spec() -> dict[str, Any]:
         "timing": check_bool,
         "seed_check": check_bool,
         **_protocol_spec(),
+        "quality.scores": lambda v, n: check_names(v, n, list_metrics(kind="explanation"), allow_empty=True),
+        "quality.opts": _check_score_opts,
+        "robust_accuracy.attacks": lambda v, n: check_names(v, n, list_label_attacks(), allow_empty=True),
+        "robust_accuracy.eps": check_budget_list,
+        "robust_accuracy.norm": lambda v, n: check_choice(v, n, ("linf", "l2")),
+        "robust_accuracy.steps": optional(check_positive_int),
     }
+
+
+def _check_score_opts(v: Any, name: str) -> dict[str, Any]:
+    """``quality.opts``: a mapping score name -> mapping of that score's options."""
+    v = _plain(v)
+    if v is None:
+        return {}
+    if not isinstance(v, dict) or not all(isinstance(o, dict) for o in v.values()):
+        raise TypeError(
+            f"`{name}` must map a score name to its options, e.g. {{deletion_auc: {{steps: 32}}}}; got {v!r}"
+        )
+    known = list_metrics(kind="explanation")
+    for k in v:
+        if k not in known:
+            raise ValueError(f"`{name}` names {k!r}, which is not an explanation score; registered: {', '.join(known)}")
+    return v
 
 
 def check_config(cfg: Any) -> dict[str, Any]:
@@ -316,7 +343,86 @@ def _result_config(cfg: DictConfig, checkpoint: Any, specs: dict, proto: dict, e
         "attacks": list(cfg.attacks),
         "eps": [str(e) for e in eps_list],
         "protocol": proto,
+        **_extras_config(cfg),
     }
+
+
+def _extras_config(cfg: Any) -> dict[str, Any]:
+    """The explanation-quality and robust-accuracy settings, when enabled (absent otherwise, so enabling them
+    later does not invalidate an out_dir's finished attack cells... but a changed setting does)."""
+    out: dict[str, Any] = {}
+    q = _plain(cfg.get("quality")) or {}
+    if q.get("scores"):
+        out["quality"] = {"scores": list(q["scores"]), "opts": q.get("opts") or {}}
+    r = _plain(cfg.get("robust_accuracy")) or {}
+    if r.get("attacks"):
+        out["robust_accuracy"] = {
+            "attacks": list(r["attacks"]),
+            "eps": [str(e) for e in r.get("eps") or []],
+            "norm": r.get("norm", "linf"),
+            "steps": r.get("steps"),
+        }
+    return out
+
+
+def _run_extras(
+    cfg: DictConfig, model: Any, loader: Any, specs: dict, store: CellStore, device: Any, rank: int
+) -> tuple[list[Any], list[Any]]:
+    """The explanation-quality cells (one per explainer) and robust-accuracy cells (one per label attack and
+    eps) of one model, through the same store (resumable) and image shard; their cells on rank 0."""
+    extras = _extras_config(cfg)
+    quality_cells: list[Any] = []
+    robust_cells: list[Any] = []
+    if "quality" in extras:
+        q = extras["quality"]
+        for res in run_quality(
+            model,
+            loader,
+            explainers=specs,
+            scores=q["scores"],
+            score_opts=q["opts"],
+            seed=int(cfg.seed),
+            device=device,
+            store=store,
+        ):
+            quality_cells.append(res.cell)
+            if rank == 0:
+                log.info("explanation quality of %s: %s", res.cell.explainer, "resumed" if res.resumed else "done")
+    if "robust_accuracy" in extras:
+        r = extras["robust_accuracy"]
+        for res in run_robust_accuracy(
+            model,
+            loader,
+            attacks=r["attacks"],
+            eps=r["eps"],
+            norm=r["norm"],
+            steps=r["steps"],
+            seed=int(cfg.seed),
+            device=device,
+            store=store,
+        ):
+            robust_cells.append(res.cell)
+            if rank == 0:
+                log.info("robust accuracy %s @ %s: %s", res.cell.attack, res.cell.eps, res.aggregate)
+    return quality_cells, robust_cells
+
+
+def _extras_records(store: CellStore, quality_cells: list[Any], robust_cells: list[Any]) -> dict[str, Any]:
+    """Merged (all shards) records of the quality and robust-accuracy cells, for results.json."""
+    quality = [{"method": c.explainer, **store.merge(c).aggregate} for c in quality_cells]
+    robust = []
+    for c in robust_cells:
+        agg = store.merge(c).aggregate
+        robust.append(
+            {"attack": c.attack, "eps": str(c.eps), "epsilon": float(c.eps), "epsilon_255": float(c.eps) * 255, **agg}
+        )
+    out: dict[str, Any] = {}
+    if quality_cells:
+        out["quality"] = quality
+        out["quality_per_image"] = [{"method": c.explainer, "images": store.merge(c).rows} for c in quality_cells]
+    if robust_cells:
+        out["robust_accuracy"] = robust
+    return out
 
 
 def _grid_one(
@@ -399,6 +505,7 @@ def _grid_one(
                 bar.write(f"[{c.explainer} / {c.attack} / eps={c.eps}] {msg}; {what}")
             if res.examples is not None:
                 examples[c.key] = res.examples
+    quality_cells, robust_cells = _run_extras(cfg, model, loader, specs, store, device, rank)
     if fabric is not None:
         fabric.barrier()
     if rank != 0:
@@ -441,10 +548,17 @@ def _grid_one(
         "protocol": proto,
         "records": records,
         "per_image": per_image,
+        **_extras_records(store, quality_cells, robust_cells),
         "seconds": time.perf_counter() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     md = grid_table(records, clean_acc) + "\n" + protocol_block(proto, {"seed": int(cfg.seed), "n_images": len(idx)})
+    if payload.get("quality"):
+        md += "\nExplanation quality of the clean maps (mean over the correctly classified images):\n\n"
+        md += quality_table(payload["quality"])
+    if payload.get("robust_accuracy"):
+        md += "\nRobust accuracy under label attacks (over all selected images):\n\n"
+        md += robust_accuracy_table(payload["robust_accuracy"])
     atomic_write_json(out_dir / "results.json", payload)
     atomic_write_text(out_dir / "results.md", md)
     figures: list[Path] = []
@@ -577,6 +691,20 @@ def _defense_names(checkpoints: list[Any]) -> list[str]:
     return out
 
 
+def _comparison_extras(payload: dict[str, Any], method: Any) -> dict[str, Any]:
+    """A defense row's robust accuracies (``attack@eps``) and the explanation scores of its clean maps."""
+    out: dict[str, Any] = {}
+    if payload.get("robust_accuracy"):
+        out["robust_accuracy"] = {
+            f"{r['attack']}@{r['eps']}": r.get("robust_accuracy") for r in payload["robust_accuracy"]
+        }
+    q = next((r for r in payload.get("quality") or [] if r["method"] == method), None)
+    if q is not None:
+        scores = (payload.get("config") or {}).get("quality", {}).get("scores") or []
+        out["quality"] = {s: q.get(s) for s in scores}
+    return out
+
+
 def _write_comparison(
     out_dir: Path,
     names: list[str],
@@ -611,6 +739,7 @@ def _write_comparison(
                     },
                     "label_kept_rate": r0.get("label_kept_rate"),
                     "zero_gradient_rate": r0.get("zero_gradient_rate"),
+                    **_comparison_extras(p, r0.get("method")),
                 }
             )
     payload = {"mode": "defenses", "attack": attack, "epsilon": top, "protocol": proto, "defenses": rows}
@@ -625,7 +754,13 @@ def _write_comparison(
         log_markdown_table(
             run,
             "defense_comparison",
-            [{k: v for k, v in r.items() if k != "robustness"} | dict(r["robustness"]) for r in rows],
+            [
+                {k: v for k, v in r.items() if k not in ("robustness", "robust_accuracy", "quality")}
+                | dict(r["robustness"])
+                | {f"robust_acc {k}": v for k, v in (r.get("robust_accuracy") or {}).items()}
+                | dict(r.get("quality") or {})
+                for r in rows
+            ],
         )
         log_figure(run, "figures/defense_comparison", fig)
         log_artifact_file(run, "defense-comparison", "results", out_dir / "comparison.json")

@@ -18,6 +18,8 @@ __all__ = [
     "cost_table",
     "seed_table",
     "pgd_table",
+    "quality_table",
+    "robust_accuracy_table",
 ]
 
 
@@ -47,16 +49,16 @@ def grid_table(records: Sequence[Mapping[str, Any]], clean_acc: float | None = N
     number of attacked images (``-`` where no image was attacked).
 
     >>> print(grid_table([{"method": "saliency", "attack": "topk", "epsilon_255": 8, "n_images": 0}]).splitlines()[2])
-    | saliency | topk | 8 | 0 | - | - |
+    | saliency | topk | 8 | 0 / 0 | - | - |
     """
     metrics = _metrics_of(records)
-    head = "| method | attack | eps (/255) | n | " + " | ".join(metric_label(m) for m in metrics)
+    head = "| method | attack | eps (/255) | perturbed / attacked | " + " | ".join(metric_label(m) for m in metrics)
     head += (" | " if metrics else "") + "label kept | zero gradient |"
     lines = [head, "|" + "---|" * (6 + len(metrics))]
     for r in records:
         vals = [fmt(r.get(m), 2 if m == "center_shift" else 3) for m in metrics]
         lines.append(
-            f"| {r['method']} | {r['attack']} | {float(r['epsilon_255']):.3g} | {r['n_images']} | "
+            f"| {r['method']} | {r['attack']} | {float(r['epsilon_255']):.3g} | {_perturbed_of(r)} | "
             + " | ".join(vals)
             + (" | " if vals else "")
             + f"{fmt(r.get('label_kept_rate'), 2)} | {fmt(r.get('zero_gradient_rate'), 2)} |"
@@ -71,6 +73,14 @@ def grid_table(records: Sequence[Mapping[str, Any]], clean_acc: float | None = N
             "are not defined and shown as `-`.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _perturbed_of(r: Mapping[str, Any]) -> str:
+    """``n perturbed / n attacked`` of a grid record (the metrics are means over the attacked images; an image the
+    attack did not move scores as unmoved)."""
+    n = int(r.get("n_images") or 0)
+    rate = r.get("perturbed_rate")
+    return f"{round(rate * n) if rate is not None else 0} / {n}"
 
 
 def protocol_block(protocol: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
@@ -99,21 +109,95 @@ def comparison_table(
     rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("topk_intersection", "spearman")
 ) -> str:
     """The defense comparison: one row per checkpoint with its clean accuracy and, for each listed metric, the
-    value under the comparison's attack at the largest eps (one row per defense and explainer).
+    value under the comparison's attack at the largest eps (one row per defense and explainer). Rows with
+    ``robust_accuracy`` (``{"pgd@8/255": 0.31, ...}``) or ``quality`` (``{"deletion_auc": 0.2, ...}``, scores
+    of the clean maps) get those columns too, so a defense that gains map robustness by flattening its maps
+    (worse deletion/insertion AUC and ROAD) is visible next to its top-k intersection.
 
     >>> print(comparison_table([{"name": "a", "clean_accuracy": 0.9, "robustness": {"topk_intersection": 0.5},
     ...                          "n_attacked": 10}]).splitlines()[2])
     | a | - | 90.0 | 10 | 0.500 | - |
+    >>> head = comparison_table([{"name": "a", "clean_accuracy": 0.9, "robustness": {}, "n_attacked": 4,
+    ...     "robust_accuracy": {"pgd@8/255": 0.25}, "quality": {"deletion_auc": 0.1}}]).splitlines()[0]
+    >>> "robust acc pgd@8/255 (%)" in head, head.endswith("| deletion AUC ↓ |")
+    (True, True)
     """
-    head = "| defense (checkpoint) | explainer | clean acc (%) | attacked | "
-    head += " | ".join(metric_label(m) for m in metrics) + " |"
-    lines = [head, "|" + "---|" * (4 + len(metrics))]
+    robust = list(dict.fromkeys(k for r in rows for k in (r.get("robust_accuracy") or {})))
+    quality = list(dict.fromkeys(k for r in rows for k in (r.get("quality") or {})))
+    head = "| defense (checkpoint) | explainer | clean acc (%) | "
+    head += "".join(f"robust acc {k} (%) | " for k in robust) + "attacked | "
+    head += " | ".join([metric_label(m) for m in metrics] + [_score_label(q) for q in quality]) + " |"
+    lines = [head, "|" + "---|" * (4 + len(robust) + len(metrics) + len(quality))]
     for r in rows:
         acc = r.get("clean_accuracy")
         rob = r.get("robustness", {})
+        ra = r.get("robust_accuracy") or {}
+        qu = r.get("quality") or {}
+        cells = [fmt(rob.get(m)) for m in metrics] + [fmt(qu.get(q)) for q in quality]
         lines.append(
             f"| {r['name']} | {r.get('method') or '-'} | {fmt(None if acc is None else 100 * acc, 1)} | "
-            f"{r.get('n_attacked', 0)} | " + " | ".join(fmt(rob.get(m)) for m in metrics) + " |"
+            + "".join(f"{fmt(None if ra.get(k) is None else 100 * ra[k], 1)} | " for k in robust)
+            + f"{r.get('n_attacked', 0)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _score_label(name: str) -> str:
+    """An explanation score's label with its direction (↑ higher is better, ↓ lower is better)."""
+    from fragdefense.metrics.registry import METRICS
+
+    spec = METRICS.get(name)
+    arrow = "" if spec is None or spec.similarity is None else (" ↑" if spec.similarity else " ↓")
+    return metric_label(name) + arrow
+
+
+def quality_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Explanation scores of the clean maps, one row per explainer (``records``: ``{"method", "n_images",
+    <score>: mean}``).
+
+    >>> print(quality_table([{"method": "saliency", "n_images": 3, "deletion_auc": 0.25}]).splitlines()[2])
+    | saliency | 3 | 0.250 |
+    """
+    scores = list(dict.fromkeys(k for r in records for k in r if k not in _QUALITY_META))
+    lines = ["| explainer | n | " + " | ".join(_score_label(q) for q in scores) + " |"]
+    lines.append("|" + "---|" * (2 + len(scores)))
+    for r in records:
+        lines.append(f"| {r['method']} | {r.get('n_images', 0)} | " + " | ".join(fmt(r.get(q)) for q in scores) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_QUALITY_META = {
+    "method",
+    "n_images",
+    "n_skipped",
+    "label_kept_rate",
+    "perturbed_rate",
+    "zero_gradient_rate",
+    "seconds",
+    "score_opts",
+}
+
+
+def robust_accuracy_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Clean and robust accuracy per label attack and budget (``-`` where an attack failed on some image: not
+    measured).
+
+    >>> print(robust_accuracy_table([{"attack": "pgd", "epsilon_255": 8, "n_images": 4, "clean_accuracy": 0.75,
+    ...                               "robust_accuracy": 0.25, "n_failed": 0}]).splitlines()[2])
+    | pgd | 8 | 4 | 75.0 | 25.0 | 0 |
+    """
+    lines = [
+        "| label attack | eps (/255) | n | clean acc (%) | robust acc (%) | not measured |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        ca, ra = r.get("clean_accuracy"), r.get("robust_accuracy")
+        lines.append(
+            f"| {r['attack']} | {float(r['epsilon_255']):.3g} | {r.get('n_images', 0)} | "
+            f"{fmt(None if ca is None else 100 * ca, 1)} | {fmt(None if ra is None else 100 * ra, 1)} | "
+            f"{r.get('n_failed', 0)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -680,21 +680,24 @@ def faithfulness_correlation(
 # ----------------------------------------------------------------------------------------------------------
 # registration: explanation scores fn(model, x, y, maps, explain, opts)
 # ----------------------------------------------------------------------------------------------------------
-_SHARED = ("generator", "chunk_size", "baseline")
+def _kwargs(opts: dict[str, Any], fn: Any, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments of a score from its ``opts`` (the score's own settings, flat, as keyword arguments of its
+    functional form, plus ``generator``); ``None`` values mean the default. An option the function does not take
+    is an error naming it (nothing is silently dropped)."""
+    import inspect
 
-
-def _kwargs(opts: dict[str, Any], names: tuple[str, ...], shared: tuple[str, ...] = _SHARED) -> dict[str, Any]:
-    """Keyword arguments of a score from ``opts``: the shared keys ``generator``, ``chunk_size``, ``baseline``
-    (when not ``None``), overridden by the dict ``opts[name]`` of each of ``names`` (e.g. ``{"steps": 50}``)."""
-    kw = {k: opts[k] for k in shared if opts.get(k) is not None}
-    for n in names:
-        kw.update(opts.get(n) or {})
-    return kw
+    params = inspect.signature(fn).parameters
+    kw = {k: v for k, v in opts.items() if v is not None}
+    bad = sorted(k for k in kw if k not in params or k in ("model", "x", "y", "maps"))
+    if bad:
+        takes = [k for k in params if k not in ("model", "x", "y", "maps", "return_curve", "return_runs")]
+        raise ValueError(f"{fn.__name__}: unknown option(s) {bad}; it takes {takes}")
+    return {**kw, **(fixed or {})}
 
 
 register_metric(
     "deletion_auc",
-    lambda model, x, y, maps, explain, opts: deletion_auc(model, x, y, maps, **_kwargs(opts, ("deletion_auc",))),
+    lambda model, x, y, maps, explain, opts: deletion_auc(model, x, y, maps, **_kwargs(opts, deletion_auc)),
     kind="explanation",
     label="deletion AUC",
     similarity=False,
@@ -702,7 +705,7 @@ register_metric(
 )
 register_metric(
     "insertion_auc",
-    lambda model, x, y, maps, explain, opts: insertion_auc(model, x, y, maps, **_kwargs(opts, ("insertion_auc",))),
+    lambda model, x, y, maps, explain, opts: insertion_auc(model, x, y, maps, **_kwargs(opts, insertion_auc)),
     kind="explanation",
     label="insertion AUC",
     similarity=True,
@@ -711,7 +714,7 @@ register_metric(
 register_metric(
     "road_morf",
     lambda model, x, y, maps, explain, opts: road(
-        model, x, y, maps, **{**_kwargs(opts, ("road", "road_morf"), ("generator", "chunk_size")), "order": "morf"}
+        model, x, y, maps, **_kwargs({k: v for k, v in opts.items() if k != "order"}, road, {"order": "morf"})
     ),
     kind="explanation",
     label="ROAD MoRF",
@@ -721,7 +724,7 @@ register_metric(
 register_metric(
     "road_lerf",
     lambda model, x, y, maps, explain, opts: road(
-        model, x, y, maps, **{**_kwargs(opts, ("road", "road_lerf"), ("generator", "chunk_size")), "order": "lerf"}
+        model, x, y, maps, **_kwargs({k: v for k, v in opts.items() if k != "order"}, road, {"order": "lerf"})
     ),
     kind="explanation",
     label="ROAD LeRF",
@@ -731,7 +734,7 @@ register_metric(
 register_metric(
     "faithfulness_correlation",
     lambda model, x, y, maps, explain, opts: faithfulness_correlation(
-        model, x, y, maps, **_kwargs(opts, ("faithfulness_correlation",))
+        model, x, y, maps, **_kwargs(opts, faithfulness_correlation)
     ),
     kind="explanation",
     label="faithfulness correlation",

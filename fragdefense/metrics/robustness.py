@@ -805,8 +805,12 @@ _OPTS = {
 }
 
 
-def _pick(opts: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """The entries of ``opts`` named in ``keys`` (``None`` values dropped: the function's default)."""
+def _pick(opts: dict[str, Any], keys: Sequence[str], name: str = "score") -> dict[str, Any]:
+    """The entries of ``opts`` named in ``keys`` (``None`` values dropped: the function's default); any other key
+    is an error naming it (nothing is silently dropped)."""
+    bad = sorted(k for k in opts if k not in keys)
+    if bad:
+        raise ValueError(f"{name}: unknown option(s) {bad}; it takes {list(keys)}")
     return {k: opts[k] for k in keys if opts.get(k) is not None}
 
 
@@ -828,7 +832,7 @@ def _register() -> None:
         register_metric(
             name,
             lambda model, x, y, maps, explain, opts, _fn=fn, _keys=keys: _fn(
-                model, x, y, explain, maps=maps, **_pick(opts, _keys)
+                model, x, y, explain, maps=maps, **_pick(opts, _keys, _fn.__name__)
             ),
             kind="explanation",
             label=label,
