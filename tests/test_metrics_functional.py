@@ -981,3 +981,13 @@ def test_topk_div_scan_brute_force_small(levels, k, window):
     mask = topk_div(a, k, window)
     for i, e in enumerate(expected):
         assert set(mask[i].flatten().nonzero().flatten().tolist()) == e
+
+
+def test_torch_forms_of_kendall_and_topk_div_on_cpu(monkeypatch):
+    """The device-agnostic torch forms (radix inversion count, torch scan loop, stable torch.sort order), run
+    on CPU tensors: same Kendall values as scipy and the same top-k-div masks as the previous greedy."""
+    a, b = _maps((4, 30, 30), 60, levels=6), _maps((4, 30, 30), 61)
+    monkeypatch.setattr(MF, "_NUMPY_CPU_PATHS", False)
+    np.testing.assert_allclose(kendall_tau(a, b).numpy(), _ref_kendall(a, b), atol=1e-12, rtol=0)
+    for x in (a, b.float()):
+        torch.testing.assert_close(topk_div(x, 50, 1), _ref_topk_div_greedy(x, 50, 1), atol=0, rtol=0)

@@ -361,6 +361,7 @@ def _count_inversions(y: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Kendall tau on CPU: numpy counting (sorts of packed int keys and an O(D log log D) inversion count)
 # ----------------------------------------------------------------------------------------------------------
+_NUMPY_CPU_PATHS = True  # kendall_tau / topk_div run their numpy forms on CPU (tests switch it off)
 _INV_BRUTE_MAX = 16  # sequences up to this length are counted pair by pair
 _KENDALL_GROUP_ELEMENTS = 1 << 16  # maps counted together per call (cache-sized working set)
 
@@ -743,7 +744,7 @@ def _topk_div_scan(flat: Tensor, h: int, w: int, win: int, k: int, m: int) -> tu
     cols = torch.arange(bsz, device=dev)
     nbr_t = (nbr.permute(1, 2, 0) * bsz + cols).contiguous()
     dummy = (m * bsz + cols).expand_as(nbr_t[0]).contiguous()
-    cpu = dev.type == "cpu"
+    cpu = dev.type == "cpu" and _NUMPY_CPU_PATHS
     if cpu:
         nbr_t, dummy = nbr_t.numpy(), dummy.numpy()
         blk = np.zeros((m + 1) * bsz, np.bool_)
@@ -776,7 +777,7 @@ def _greedy_order(vals: Tensor) -> Tensor:
     """Permutation of every row of ``vals`` ``(B, m)`` into greedy order: value descending, ties by increasing
     position. float32-valued rows on CPU sort packed int64 keys ``(~float32 order key, position)`` with numpy
     (one value sort, no arg-sort); otherwise a stable ``torch.sort``."""
-    key = _float32_order_key(vals) if vals.device.type == "cpu" else None
+    key = _float32_order_key(vals) if vals.device.type == "cpu" and _NUMPY_CPU_PATHS else None
     if key is None:
         return torch.sort(vals, dim=1, descending=True, stable=True).indices
     packed = key.numpy().astype(np.int64)
@@ -959,7 +960,7 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     fa, fb = _flat(a), _flat(b)
     bsz, d = fa.shape
     n0 = d * (d - 1) // 2
-    if fa.device.type == "cpu" and d >= 2 and bsz > 0:
+    if fa.device.type == "cpu" and _NUMPY_CPU_PATHS and d >= 2 and bsz > 0:
         n1, n2, n3, n_d = _kendall_counts_cpu(fa, fb).unbind(1)
         return _degenerate_corr(n0 - n1 - n2 + n3 - 2 * n_d, n0 - n1, n0 - n2, a.dtype)
     sb, pb = _sort_rows(fb)
