@@ -390,10 +390,10 @@ def _np_cross_pairs(p: np.ndarray, bits: int, nb: int) -> np.ndarray:
     exclusive running sum over ``v``: two passes over the ``nb x nb`` histogram instead of over the pairs."""
     r, n_rows, m = p.shape
     nr = r * n_rows
-    ids = np.empty((r, n_rows, m), np.int64)
-    np.right_shift(p, bits, out=ids)  # value bucket
-    row_base = np.arange(nr, dtype=np.int64).reshape(nr, 1) * (nb * nb)
-    ids += (row_base + (np.arange(nb, dtype=np.int64) * nb).repeat(1 << bits)).reshape(r, n_rows, m)
+    ids = np.empty((nr, nb, 1 << bits), np.int64)
+    np.right_shift(p.reshape(nr, nb, 1 << bits), bits, out=ids)  # value bucket v
+    ids += np.arange(0, nb * nb, nb, dtype=np.int64).reshape(1, nb, 1)  # + position block p * nb
+    ids += np.arange(0, nr * nb * nb, nb * nb, dtype=np.int64).reshape(nr, 1, 1)  # + row * nb^2
     h = np.bincount(ids.reshape(-1), minlength=nr * nb * nb).reshape(nr, nb * nb)
     if nr < nb:  # few large histograms: running sums along the last axis (contiguous), a transposed copy for p
         h = h.astype(np.int32).reshape(nr, nb, nb)
