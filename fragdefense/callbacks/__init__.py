@@ -6,6 +6,8 @@
 * :class:`InfluenceMonitor` — influence functions of probe images on a training subset every N epochs: their
   most influential training images (W&B panels / PNGs) and the influence attack's fragility figures.
 * :class:`HessianMonitor` — parameter-Hessian top eigenvalue and trace, input-Hessian lambda_max on the probe set.
+* :class:`CertifiedMonitor` — share of certified pixels of the probe images' attribution maps (randomized smoothing)
+  and its curve over L2 radii; logs ``certify/certified_rate``, ``certify/rate_at_<r>``.
 
 Each takes any LightningDataModule or dataloader: the probe is the datamodule's ``probe_batch()`` when it has one,
 else the first images of its validation (else test, else train) loader, or an explicit ``probe=`` (an ``(x, y)``
@@ -13,6 +15,7 @@ pair or a DataLoader); images in ``[0, 1]``. The network is ``pl_module.model`` 
 ``model=`` (an attribute path or a callable ``pl_module -> nn.Module``).
 """
 
+from fragdefense.callbacks.certified import CertifiedMonitor
 from fragdefense.callbacks.fragility import (
     MONITOR_ATTACKS,
     MONITOR_METRICS,
@@ -25,6 +28,7 @@ from fragdefense.callbacks.hessian import HessianMonitor, hessian_snapshot
 from fragdefense.callbacks.influence import InfluenceMonitor
 
 __all__ = [
+    "CertifiedMonitor",
     "MONITOR_ATTACKS",
     "MONITOR_METRICS",
     "FragilityMonitor",
