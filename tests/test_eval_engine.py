@@ -269,7 +269,7 @@ def test_defense_comparison_one_command(ckpt, tmp_path, monkeypatch):
             *GRID,
             "figures=false",
             "quality.scores=[deletion_auc,road_morf]",
-            "+quality.opts={deletion_auc:{steps:4},road_morf:{percentages:[0.2,0.5]}}",
+            "quality.opts={deletion_auc:{steps:4},road_morf:{percentages:[20,50]}}",
             "robust_accuracy.attacks=[pgd]",
             "robust_accuracy.steps=3",
         ],
