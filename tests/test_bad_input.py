@@ -774,14 +774,18 @@ def test_float64_images_run_in_the_model_dtype():
     assert pgd_attack(net, x64, torch.tensor([0, 1]), steps=1, generator=0).shape == x64.shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fragdefense-train: Hydra merges a `callbacks.fragility.methods` dict into the default one (integrated "
-    "gradients still runs with callbacks=fragility); the fix belongs in configs/callbacks/*.yaml (the "
-    "default_methods pattern of eval.yaml), owned by the train command",
-)
 def test_train_monitor_methods_override_replaces_the_default_set():
     from fragdefense.cli._config import compose_config
 
     cfg = compose_config("train", ["callbacks=fragility", "callbacks.fragility.methods={saliency:{}}"])
     assert list(cfg.callbacks.fragility.methods) == ["saliency"]
+    from hydra.utils import instantiate
+
+    assert list(instantiate(cfg.callbacks.fragility).methods) == ["saliency"]
+    default = instantiate(compose_config("train", ["callbacks=fragility"]).callbacks.fragility)
+    assert list(default.methods) == ["saliency", "integrated_gradients"]
+    assert list(
+        instantiate(
+            compose_config("train", ["callbacks.fragility.methods=[input_x_gradient]"]).callbacks.fragility
+        ).methods
+    ) == ["input_x_gradient"]

@@ -151,3 +151,38 @@ def test_robust_cells_match_robust_accuracy_and_merge_shards(net, data, tmp_path
     assert merged.aggregate["robust_accuracy"] == pytest.approx(expect)
     with pytest.raises(ValueError, match="unknown label attack 'nope' in `attacks`"):
         next(run_robust_accuracy(net, [(x, y)], attacks=["nope"], eps=["4/255"]))
+
+
+def test_fragility_monitor_logs_explanation_scores_when_asked(net, data):
+    from fragdefense.callbacks import FragilityMonitor
+    from fragdefense.evaluation import ExplainerSpec
+    from fragdefense.evaluation.quality import run_quality_cell
+
+    x, _ = data
+    y = net(x).argmax(1)
+    y[0] = (y[0] + 1) % 4  # one misclassified probe image: not scored
+    probe = {"x": x, "y": y, "mask": None, "indices": list(range(6))}
+    off = FragilityMonitor(attacks=["random_sign"], steps=1, n_probe=6, progress=False)
+    assert not any("quality" in n for n in off.metric_names(with_mask=False))
+    mon = FragilityMonitor(
+        attacks=["random_sign"],
+        steps=1,
+        n_probe=6,
+        progress=False,
+        explanation_scores=["deletion_auc"],
+        score_opts={"deletion_auc": {"steps": 4}},
+    )
+    assert "fragility/saliency/quality/deletion_auc" in mon.metric_names(with_mask=False)
+    rep = mon.evaluate(net, probe)
+    ref = run_quality_cell(
+        net,
+        [(x, y, list(range(6)))],
+        ExplainerSpec("saliency", "saliency"),
+        ["deletion_auc"],
+        score_opts={"deletion_auc": {"steps": 4}},
+        seed=0,
+    )
+    assert ref.aggregate["n_images"] == 5
+    assert rep.metrics["saliency/quality/deletion_auc"] == pytest.approx(ref.aggregate["deletion_auc"], abs=1e-6)
+    with pytest.raises(ValueError, match="unknown explanation score 'nope'"):
+        FragilityMonitor(explanation_scores=["nope"])

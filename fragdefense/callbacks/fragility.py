@@ -78,6 +78,7 @@ from fragdefense.callbacks._probe import (
     resolve_network,
 )
 from fragdefense.evaluation.engine import Cell, ExplainerSpec, aggregate_rows, clean_accuracy, run_cell
+from fragdefense.evaluation.quality import run_quality_cell
 from fragdefense.metrics import functional as MF
 from fragdefense.metrics.registry import list_metrics
 from fragdefense.utils.checks import check_bool, check_finite_float, parse_eps
@@ -322,11 +323,14 @@ class FragilityMonitor(L.Callback):
         model: NetworkSpec = None,
         progress: bool = True,
         progress_interval: float = 10.0,
+        explanation_scores: Sequence[str] = (),
+        score_opts: Mapping[str, Mapping[str, Any]] | None = None,
+        default_methods: Mapping[str, Mapping[str, Any] | None] | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         methods, attacks, beta = _plain(methods), _plain(attacks), _plain(beta)
-        if methods is None:
-            methods = {"saliency": {}}
+        if methods is None:  # configs keep their defaults in `default_methods`: a `methods` override replaces them
+            methods = _plain(default_methods) or {"saliency": {}}
         if isinstance(methods, str):
             methods = [methods]
         if isinstance(methods, Mapping):
@@ -382,6 +386,13 @@ class FragilityMonitor(L.Callback):
         self.model = check_network_spec(model, "FragilityMonitor")
         self.progress = check_bool(progress, "progress")
         self.progress_interval = check_finite_float(progress_interval, "progress_interval", 0.0)
+        from fragdefense.evaluation.quality import check_scores
+
+        scores = _plain(explanation_scores) or []
+        self.score_opts = {str(k): dict(v or {}) for k, v in (_plain(score_opts) or {}).items()}
+        #: explanation scores (robustness / faithfulness) of each method's clean maps, logged per epoch; off when
+        #: empty (they cost model calls: e.g. deletion AUC one forward per step and image)
+        self.explanation_scores = check_scores(list(scores), self.score_opts)
         #: the last evaluation (any stage) and the end-of-fit one
         self.last: FragilityReport | None = None
         self.final: FragilityReport | None = None
@@ -402,6 +413,11 @@ class FragilityMonitor(L.Callback):
             "k": self.k,
             **self._attack_kwargs(),
             "seed": self.seed,
+            **(
+                {"explanation_scores": self.explanation_scores, "score_opts": self.score_opts}
+                if self.explanation_scores
+                else {}
+            ),
         }
 
     def _attack_kwargs(self) -> dict[str, Any]:
@@ -434,6 +450,7 @@ class FragilityMonitor(L.Callback):
                 names += [f"{m}/{a}/{x}" for x in monitor_metrics(self.k, self.lens_window)]
                 if with_mask:
                     names.append(f"{m}/{a}/mask_mass_attacked")
+            names += [f"{m}/quality/{q}" for q in self.explanation_scores]
         return [_PREFIX + n for n in names] + [_PREFIX + "seconds"]
 
     # --- the evaluation -------------------------------------------------------------------------------
@@ -579,13 +596,37 @@ class FragilityMonitor(L.Callback):
                             "topk_intersection": [float(r["topk_intersection"]) for r in records_cell[:n_ex]],
                         }
                     cells[(method, attack)] = {"seconds": res.seconds, "warnings": list(res.warnings)}
-        parts = _gather([{"records": records, "n": acc["n"], "correct": acc["correct"]}], world_size)
+            quality_rows: list[dict[str, Any]] = []
+            if self.explanation_scores:
+                for method, mopts in self.methods.items():
+                    if report.enabled:
+                        report._emit(f"explanation scores of {method}: {', '.join(self.explanation_scores)}")
+                    q = run_quality_cell(
+                        model,
+                        batches,
+                        ExplainerSpec(method, method, dict(mopts)),
+                        self.explanation_scores,
+                        score_opts=self.score_opts,
+                        seed=self.seed,
+                        device=device,
+                        require_correct=True,
+                    )
+                    quality_rows += [{"method": method, **r} for r in q.rows]
+        parts = _gather(
+            [{"records": records, "n": acc["n"], "correct": acc["correct"], "quality": quality_rows}], world_size
+        )
         records = [r for part in parts for r in part["records"]]
+        quality_rows = [r for part in parts for r in part.get("quality", [])]
         records.sort(key=lambda r: (r["_order"], r["probe_pos"]))
         for r in records:
             del r["_order"]
         n_seen, n_correct = sum(part["n"] for part in parts), sum(part["correct"] for part in parts)
         values, cell_aggs = self._means(records, n_seen, n_correct, with_mask=mask is not None)
+        for method in self.methods if self.explanation_scores else ():
+            for name in self.explanation_scores:
+                vals = [float(r[name]) for r in quality_rows if r["method"] == method and r.get(name) is not None]
+                vals = [v for v in vals if math.isfinite(v)]
+                values[f"{method}/quality/{name}"] = math.fsum(vals) / len(vals) if vals else float("nan")
         for key, agg in cell_aggs.items():
             cells.setdefault(key, {"seconds": 0.0, "warnings": []}).update(agg)
         return FragilityReport(
