@@ -22,10 +22,13 @@ Baselines:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import scipy.stats
@@ -103,8 +106,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, small cases only")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (default 2)")
     parser.add_argument(
-        "--only", default="spearman,topk,kendall", help="comma-separated metric families to run (default: all)"
+        "--only",
+        default="spearman,topk,kendall",
+        help="comma-separated metric families: spearman, topk, kendall (default) and quality (the explanation "
+        "scores and map comparisons against Quantus 0.6; minutes)",
     )
+    parser.add_argument("--quality-images", type=int, default=64, help="images of the quality cases (default 64)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -189,6 +196,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median wall time "
         f"over rounds; 1-min load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     )
+    if "quality" in only:
+        rows += _quality_rows(args.quality_images, rounds, args.slow)
     header = f"{'case':36s} {'method':36s} {'time ms':>10s} {'x ours':>8s} {'max|d|':>9s} {'n':>3s}"
     print(header)
     print("-" * len(header))
@@ -220,6 +229,76 @@ def main() -> None:
         elif case.startswith("topk_intersection"):
             div = t["fragdefense lens_topk w=1 diverse"]
             print(f"  {case:36s} lens_topk diverse / topk_intersection = {div / ours:5.2f}x (goal <= 10)")
+        elif case.startswith("quality"):
+            q = t["Quantus 0.6"]
+            goal = ">= 10 (map comparison)" if "map comparison" in case else ">= 2 (model calls)"
+            calls = _QUALITY_CALLS.get(case)
+            extra = f"; model forwards ours / Quantus = {calls[0]} / {calls[1]}" if calls else ""
+            print(f"  {case:36s} Quantus / ours = {q / ours:6.2f}x (goal {goal}){extra}")
+    if "quality" in only:
+        out = Path(__file__).resolve().parent / "results" / "bench_quality.json"
+        out.parent.mkdir(exist_ok=True)
+        payload = {
+            case: {
+                "ours_s": next(iter(t.values())),
+                "quantus_s": t["Quantus 0.6"],
+                "speedup": t["Quantus 0.6"] / next(iter(t.values())),
+                "forwards": _QUALITY_CALLS.get(case),
+            }
+            for case, t in by_case.items()
+            if case.startswith("quality")
+        }
+        payload["_meta"] = {
+            "threads": args.threads,
+            "rounds": rounds,
+            "images": args.quality_images,
+            "load_start": load_start,
+            "load_end": os.getloadavg()[0],
+        }
+        out.write_text(json.dumps(payload, indent=1))
+        print(f"\nquality figures: {out}")
+
+
+_QUALITY_CALLS: dict[str, tuple[int, int]] = {}
+
+
+def _quality_rows(n_images: int, rounds: int, slow: float) -> list[tuple[str, str, float, float, float, int]]:
+    """The explanation scores (robustness, faithfulness) and two map comparisons against Quantus 0.6, each a case
+    ``quality <name>`` with ours first; model forwards of one call counted on both sides."""
+    import quantus
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _quality_faithfulness as QF
+    import _quality_robustness as QR
+
+    rows = []
+    net, rcases = QR._build(n_images, 32, 10)
+    for name, ours, theirs, _ in rcases:
+        if name.startswith("all six"):
+            continue
+        case = f"quality {name}"
+        _QUALITY_CALLS[case] = (QR.count_forwards(net, ours), QR.count_forwards(net, theirs))
+        rows += _run_case(case, [("fragdefense", ours), ("Quantus 0.6", theirs)], None, min(rounds, 3), slow)
+    for name, ours, theirs, calls in QF.cases(n_images, 32):
+        case = f"quality {name}"
+        _QUALITY_CALLS[case] = tuple(calls)
+        rows += _run_case(case, [("fragdefense", ours), ("Quantus 0.6", theirs)], None, min(rounds, 3), slow)
+    # scores whose cost is the map comparison itself: Quantus' similarity functions run per map in numpy/scipy
+    a, b = _maps(n_images, 32, 5), _maps(n_images, 32, 6)
+    fa, fb = a.flatten(1).numpy(), b.flatten(1).numpy()
+    for label, ours, qfn in (
+        ("Spearman", lambda: spearman(a, b), quantus.similarity_func.correlation_spearman),
+        ("Kendall tau", lambda: kendall_tau(a, b), quantus.similarity_func.correlation_kendall_tau),
+    ):
+        ref = np.array([qfn(x, y) for x, y in zip(fa, fb)])
+        rows += _run_case(
+            f"quality map comparison: {label} {n_images}x32x32",
+            [("fragdefense", ours), ("Quantus 0.6", lambda qfn=qfn: [qfn(x, y) for x, y in zip(fa, fb)])],
+            ref,
+            rounds,
+            slow,
+        )
+    return rows
 
 
 if __name__ == "__main__":
