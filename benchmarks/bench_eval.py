@@ -172,8 +172,9 @@ def measure_time(
     from omegaconf import OmegaConf
 
     from fragdefense.cli._common import select_images
+    from fragdefense.cli._common import selected_indices as _selected_indices
     from fragdefense.cli._config import compose_config
-    from fragdefense.cli.evaluate import _Indexed, _selected_indices
+    from fragdefense.cli.evaluate import _Indexed
     from fragdefense.evaluation import iter_batches, run_grid
     from fragdefense.models import load_checkpoint_model
     from fragdefense.utils.conventions import parse_budget
