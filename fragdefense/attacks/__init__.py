@@ -1,5 +1,6 @@
 """Attacks: on interpretations (Ghorbani et al. Algorithm 1, IFIA, Dombrowski's manipulation, random
-baselines) and on labels (PGD), with L-inf / L2 threat models."""
+baselines) and on labels (PGD; robust accuracy under PGD and AutoAttack in
+:mod:`fragdefense.attacks.robust_accuracy`), with L-inf / L2 threat models."""
 
 from fragdefense.attacks.interpretation import (
     CRITERIA,
@@ -21,6 +22,13 @@ from fragdefense.attacks.registry import (
     register_attack,
     register_criterion,
     unregister_attack,
+)
+from fragdefense.attacks.robust_accuracy import (
+    LABEL_ATTACKS,
+    RobustAccuracyResult,
+    list_label_attacks,
+    register_label_attack,
+    robust_accuracy,
 )
 from fragdefense.attacks.threat import L2Threat, LinfThreat, ThreatModel, make_threat
 
@@ -46,4 +54,9 @@ __all__ = [
     "LinfThreat",
     "ThreatModel",
     "make_threat",
+    "LABEL_ATTACKS",
+    "RobustAccuracyResult",
+    "list_label_attacks",
+    "register_label_attack",
+    "robust_accuracy",
 ]
