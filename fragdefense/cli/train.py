@@ -25,6 +25,16 @@ from fragdefense.callbacks import FragilityMonitor, HessianMonitor
 from fragdefense.cli._common import import_plugins
 from fragdefense.cli._config import config_dir
 from fragdefense.models import model_config_for_checkpoint
+from fragdefense.utils.checks import (
+    check_bool,
+    check_choice,
+    check_finite_float,
+    check_int_in_range,
+    check_positive_int,
+    check_probability,
+    optional,
+    validate_config,
+)
 from fragdefense.utils.io import RunDirLock, atomic_write_json, atomic_write_text
 
 __all__ = ["train", "main", "validate_train_config"]
@@ -152,106 +162,98 @@ class _FitStarted(L.Callback):
 # ----------------------------------------------------------------------------------- config checks (up front)
 
 
-def _check_int(cfg: DictConfig, key: str, lo: int, extra: tuple[Any, ...] = (), hint: str = "") -> None:
-    node, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, node) if node else cfg
-    if parent is None or leaf not in parent:
-        return
-    v = parent.get(leaf)
-    if v is None or v in extra and not isinstance(v, bool):
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"`{key}` must be an int >= {lo}{hint}, got {v!r} ({type(v).__name__})")
+def _int_or(*allowed: int, lo: int = 1, hint: str = "") -> Any:
+    """``check(v, key)``: an int ``>= lo`` or one of ``allowed`` (e.g. -1: no limit)."""
+
+    def check(v: Any, key: str) -> Any:
+        if v in allowed and not isinstance(v, bool):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"`{key}` must be an int >= {lo}{hint}, got {v!r} ({type(v).__name__})")
+        return check_int_in_range(v, key, lo)
+
+    return check
 
 
-def _check_float(cfg: DictConfig, key: str, lo: float, hi: float | None = None, open_lo: bool = False) -> None:
-    import math
-
-    node, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, node) if node else cfg
-    if parent is None or leaf not in parent:
-        return
-    v = parent.get(leaf)
-    if v is None:
-        return
-    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-    ok = ok and (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
-    if not ok:
-        rng = f"{'>' if open_lo else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        raise ValueError(f"`{key}` must be a finite number {rng}, got {v!r} ({type(v).__name__})")
-
-
-def _check_batches(cfg: DictConfig, key: str, int_lo: int) -> None:
+def _batches(lo: int) -> Any:
     """Lightning's int-or-fraction keys (``limit_*_batches``, ``val_check_interval``)."""
-    node, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, node)
-    if parent is None or leaf not in parent or parent.get(leaf) is None:
-        return
-    v = parent.get(leaf)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and v < int_lo):
-        raise ValueError(f"`{key}` must be an int >= {int_lo} (batches) or a float in [0, 1] (fraction), got {v!r}")
-    if isinstance(v, float) and not 0.0 <= v <= 1.0:
-        raise ValueError(f"`{key}` must be an int >= {int_lo} (batches) or a float in [0, 1] (fraction), got {v!r}")
+
+    def check(v: Any, key: str) -> Any:
+        if isinstance(v, float):
+            return check_probability(v, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"`{key}` must be an int >= {lo} (batches) or a float in [0, 1] (fraction), got {v!r}")
+        return v
+
+    return check
 
 
 _SCHEDULERS = ("onecycle", "cosine", "step", "none")
+_POS = {"lo": 0.0, "lo_open": True}
+
+
+def _float(**bounds: Any) -> Any:
+    return optional(lambda v, key: check_finite_float(v, key, **bounds))
+
+
+def _train_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The check of every numeric / choice key of the train config (for :func:`validate_config`)."""
+    spec: dict[str, Any] = {
+        "seed": lambda v, k: check_int_in_range(v, k, 0),
+        "trainer.max_epochs": optional(_int_or(-1, hint=" (or -1: no limit)")),
+        "trainer.min_epochs": optional(lambda v, k: check_int_in_range(v, k, 0)),
+        "trainer.max_steps": optional(_int_or(-1, hint=" (or -1: no limit)")),
+        "trainer.min_steps": optional(lambda v, k: check_int_in_range(v, k, 0)),
+        "trainer.log_every_n_steps": optional(check_positive_int),
+        "trainer.check_val_every_n_epoch": optional(check_positive_int),
+        "trainer.num_sanity_val_steps": optional(_int_or(-1, lo=0, hint=" (or -1: all)")),
+        "trainer.accumulate_grad_batches": optional(check_positive_int),
+        "trainer.num_nodes": optional(check_positive_int),
+        "trainer.gradient_clip_val": _float(lo=0.0),
+        "trainer.limit_train_batches": optional(_batches(0)),
+        "trainer.limit_val_batches": optional(_batches(0)),
+        "trainer.limit_test_batches": optional(_batches(0)),
+        "trainer.val_check_interval": optional(_batches(1)),
+        "module.optimizer.lr": _float(**_POS),
+        "module.optimizer.momentum": _float(lo=0.0, hi=1.0),
+        "module.optimizer.weight_decay": _float(lo=0.0),
+        "module.label_smoothing": _float(lo=0.0, hi=1.0),
+        "module.scheduler.name": optional(lambda v, k: check_choice(v, k, _SCHEDULERS)),
+        "data.val_fraction": _float(lo=0.0, hi=1.0),
+        "test": check_bool,
+        **{f"data.{k}": optional(check_positive_int) for k in ("batch_size", "eval_batch_size", "n_train", "n_test")},
+        **{f"data.{k}": optional(lambda v, k: check_int_in_range(v, k, 0)) for k in ("num_workers", "probe_size")},
+    }
+    name = OmegaConf.select(cfg, "module.scheduler.name", default=None)
+    if name == "cosine":
+        spec["module.scheduler.warmup_epochs"] = _float(lo=0.0)
+    if name == "step":
+        spec["module.scheduler.step_size"] = check_positive_int
+        spec["module.scheduler.gamma"] = _float(**_POS)
+    if name == "onecycle":
+        spec["module.scheduler.pct_start"] = _float(lo=0.0, hi=1.0, lo_open=True)
+        spec["module.scheduler.div_factor"] = _float(**_POS)
+        spec["module.scheduler.final_div_factor"] = _float(**_POS)
+    return spec
 
 
 def validate_train_config(cfg: DictConfig) -> None:
     """Check the type and range of the training config's trainer, optimizer, scheduler, data and seed keys before
-    any work, with an error naming the key and the expected form (instead of a failure after the data is set up).
+    any work (the shared checks of :mod:`fragdefense.utils.checks`), with an error naming the key and the expected
+    form (instead of a failure after the data is set up).
 
     >>> from fragdefense.cli._config import compose_config
     >>> validate_train_config(compose_config("train", ["trainer.max_epochs=abc"]))
     Traceback (most recent call last):
     ...
-    ValueError: `trainer.max_epochs` must be an int >= 1 (or -1: no limit), got 'abc' (str)
+    TypeError: `trainer.max_epochs` must be an int >= 1 (or -1: no limit), got 'abc' (str)
     """
-    _check_int(cfg, "seed", 0)
-    for key in ("max_epochs",):
-        _check_int(cfg, f"trainer.{key}", 1, (-1,), " (or -1: no limit)")
-    _check_int(cfg, "trainer.min_epochs", 0)
-    _check_int(cfg, "trainer.max_steps", 1, (-1,), " (or -1: no limit)")
-    _check_int(cfg, "trainer.min_steps", 0)
-    _check_int(cfg, "trainer.log_every_n_steps", 1)
-    _check_int(cfg, "trainer.check_val_every_n_epoch", 1)
-    _check_int(cfg, "trainer.num_sanity_val_steps", 0, (-1,), " (or -1: all)")
-    _check_int(cfg, "trainer.accumulate_grad_batches", 1)
-    _check_int(cfg, "trainer.num_nodes", 1)
-    _check_float(cfg, "trainer.gradient_clip_val", 0.0)
-    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
-        _check_batches(cfg, f"trainer.{key}", 0)
-    _check_batches(cfg, "trainer.val_check_interval", 1)
+    validate_config(cfg, _train_spec(cfg))
     if "trainer" in cfg and cfg.trainer.get("max_epochs") == -1 and cfg.trainer.get("max_steps", -1) == -1:
         raise ValueError("`trainer.max_epochs`=-1 (no limit) needs `trainer.max_steps` >= 1")
-    mod = cfg.get("module") or {}
-    _check_float(cfg, "module.optimizer.lr", 0.0, open_lo=True)
-    _check_float(cfg, "module.optimizer.momentum", 0.0, 1.0)
-    _check_float(cfg, "module.optimizer.weight_decay", 0.0)
-    _check_float(cfg, "module.label_smoothing", 0.0, 1.0)
-    sch = mod.get("scheduler") or {}
-    name = sch.get("name", "none")
-    if name is not None and name not in _SCHEDULERS:
-        raise ValueError(f"`module.scheduler.name` must be one of {', '.join(_SCHEDULERS)}, got {name!r}")
-    if name == "cosine":
-        _check_float(cfg, "module.scheduler.warmup_epochs", 0.0)
-    if name == "step":
-        if "step_size" not in sch:
-            raise ValueError("`module.scheduler.step_size` (epochs between decays, an int >= 1) is required for step")
-        _check_int(cfg, "module.scheduler.step_size", 1)
-        _check_float(cfg, "module.scheduler.gamma", 0.0, open_lo=True)
-    if name == "onecycle":
-        _check_float(cfg, "module.scheduler.pct_start", 0.0, 1.0, open_lo=True)
-        _check_float(cfg, "module.scheduler.div_factor", 0.0, open_lo=True)
-        _check_float(cfg, "module.scheduler.final_div_factor", 0.0, open_lo=True)
-    for key in ("batch_size", "eval_batch_size", "n_train", "n_test"):
-        _check_int(cfg, f"data.{key}", 1)
-    for key in ("num_workers", "probe_size"):
-        _check_int(cfg, f"data.{key}", 0)
-    _check_float(cfg, "data.val_fraction", 0.0, 1.0)
-    test = cfg.get("test", True)
-    if not isinstance(test, bool):
-        raise ValueError(f"`test` must be true or false, got {test!r}")
+    sch = OmegaConf.select(cfg, "module.scheduler", default=None) or {}
+    if sch.get("name") == "step" and "step_size" not in sch:
+        raise ValueError("`module.scheduler.step_size` (epochs between decays, an int >= 1) is required for step")
 
 
 def _check_run_dir_writable(path: Path, name: str = "run_dir") -> None:
