@@ -555,7 +555,7 @@ def _grid_one(
     md = grid_table(records, clean_acc) + "\n" + protocol_block(proto, {"seed": int(cfg.seed), "n_images": len(idx)})
     if payload.get("quality"):
         md += "\nExplanation quality of the clean maps (mean over the correctly classified images):\n\n"
-        md += quality_table(payload["quality"])
+        md += quality_table(payload["quality"], _extras_config(cfg)["quality"]["scores"])
     if payload.get("robust_accuracy"):
         md += "\nRobust accuracy under label attacks (over all selected images):\n\n"
         md += robust_accuracy_table(payload["robust_accuracy"])

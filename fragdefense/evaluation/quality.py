@@ -132,7 +132,10 @@ def run_quality_cell(
                 rows.append({"image": i, "label": int(yb[j]), **{s: row_vals[s][j] for s in scores}})
             if progress is not None:
                 progress(int(x.shape[0]))
-    return CellResult(cell, rows, aggregate_rows(rows, n_skipped), None, False, time.perf_counter() - t0, [])
+    agg = aggregate_rows(rows, n_skipped)
+    for s in scores:  # a score no image was scored on is None (not measured), never missing
+        agg.setdefault(s, None)
+    return CellResult(cell, rows, agg, None, False, time.perf_counter() - t0, [])
 
 
 def run_quality(

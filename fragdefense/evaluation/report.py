@@ -153,14 +153,16 @@ def _score_label(name: str) -> str:
     return metric_label(name) + arrow
 
 
-def quality_table(records: Sequence[Mapping[str, Any]]) -> str:
+def quality_table(records: Sequence[Mapping[str, Any]], scores: Sequence[str] | None = None) -> str:
     """Explanation scores of the clean maps, one row per explainer (``records``: ``{"method", "n_images",
-    <score>: mean}``).
+    <score>: mean}``; ``scores``: the columns, by default every score key of the records). ``-``: not measured
+    (no correctly classified image).
 
     >>> print(quality_table([{"method": "saliency", "n_images": 3, "deletion_auc": 0.25}]).splitlines()[2])
     | saliency | 3 | 0.250 |
     """
-    scores = list(dict.fromkeys(k for r in records for k in r if k not in _QUALITY_META))
+    if scores is None:
+        scores = list(dict.fromkeys(k for r in records for k in r if k not in _QUALITY_META))
     lines = ["| explainer | n | " + " | ".join(_score_label(q) for q in scores) + " |"]
     lines.append("|" + "---|" * (2 + len(scores)))
     for r in records:

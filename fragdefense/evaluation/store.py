@@ -151,6 +151,8 @@ class CellStore:
             agg = {**parts[0].aggregate, **robust_aggregate(rows)}
         else:
             agg = aggregate_rows(rows, skipped)
+            if cell.kind == "quality":  # every score keeps its key (None where no image was scored)
+                agg = {**{k: None for k in parts[0].aggregate}, **agg}
         return CellResult(cell, rows, agg, None, True, max(p.seconds for p in parts), notes)
 
 
