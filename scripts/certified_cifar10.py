@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-examples", type=int, default=3, help="example images per method in the maps figure")
     p.add_argument("--map-radii", default="0,0.1", help="radii of the certified maps in the figure")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.n_images < 1:
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = dict(n0=a.n0, n=a.n, tau=a.tau, alpha=a.alpha, top_percent=a.top_percent, correction=a.correction)
     for s in sigmas:  # every setting checked before any work
         check_certify_settings({**base, "sigma": s, "radii": radii})
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     models = load_models(a.checkpoint)
     x, y, ids, info = select_images(models, a.data_root, a.n_images, a.order, a.seed)
     print(f"{len(ids)} images correctly classified by every model (scanned {info['n_scanned']})", flush=True)
