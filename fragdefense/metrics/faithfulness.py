@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from fragdefense.metrics._checks import check_finite
 from fragdefense.metrics.registry import register_metric
 from fragdefense.utils.checks import as_model_dtype, check_images, check_int_in_range, check_nonneg_float
-from fragdefense.utils.conventions import eval_mode, make_generator, rand, randn
+from fragdefense.utils.conventions import default_chunk, eval_mode, make_generator, rand, randn
 
 __all__ = [
     "deletion_auc",
@@ -167,8 +167,8 @@ def _baseline_images(baseline: Any, x: Tensor, kernel_size: int, sigma: float) -
     return gaussian_blur(x, kernel_size, sigma)
 
 
-def _default_chunk(x: Tensor, floats: int = 2**24, minimum: int = 256) -> int:
-    return max(minimum, floats // max(1, x[0].numel()))
+def _default_chunk(x: Tensor, floats: int = 2**19, minimum: int = 16) -> int:
+    return default_chunk(x, floats, minimum)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,7 +551,7 @@ def road(
         check_int_in_range(max_iter, "max_iter", 1)
     if not isinstance(return_curve, bool):
         raise TypeError(f"`return_curve` must be a bool, got {return_curve!r}")
-    chunk = chunk or _default_chunk(x, 2**21, 64)
+    chunk = chunk or _default_chunk(x, 2**19, 16)
 
     rank = _ranks(a.reshape(b, d), gen, descending=(order == "morf"))
     n_p = len(percentages)

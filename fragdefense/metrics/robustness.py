@@ -23,14 +23,14 @@ an int, a ``torch.Generator``, or a list of per-image seeds / generators, which 
 independent of the batch it is in). ``perturbations`` (``(n_samples, B, C, H, W)``) gives the perturbed images
 instead (used as given), e.g. to score several methods on identical samples.
 
-**Batching.** The ``B * n_samples`` perturbed images are explained in chunks of ``chunk_size`` (default: all at
-once), so ``explain`` is called ``ceil(B * n_samples / chunk_size)`` times (plus once for the clean maps when
-``maps`` is ``None``). The scores that need the model's output (the relative output / representation
-stabilities, and every score with ``keep_prediction=True``) read it from the explanation's own forward pass when
-``explain`` is a :func:`make_explain` saliency or input x gradient of the same model (its one forward pass is the
-plain model at the explained images; the input is checked), and otherwise add one no-grad forward pass per chunk
-and one on the clean images. :func:`robustness_scores` computes several scores from one set of samples and one
-pass.
+**Batching.** The ``B * n_samples`` perturbed images are explained in chunks of ``chunk_size`` (default:
+:func:`~fragdefense.utils.conventions.default_chunk`, about 170 CIFAR-size images), so ``explain`` is called
+``ceil(B * n_samples / chunk_size)`` times (plus once for the clean maps when ``maps`` is ``None``). The scores that
+need the model's output (the relative output / representation stabilities, and every score with
+``keep_prediction=True``) read it from the explanation's own forward pass when ``explain`` is a :func:`make_explain`
+saliency or input x gradient of the same model (its one forward pass is the plain model at the explained images; the
+input is checked), and otherwise add one no-grad forward pass per chunk and one on the clean images.
+:func:`robustness_scores` computes several scores from one set of samples and one pass.
 
 **Differences from Quantus 0.6** (every other detail matches it; ``tests/test_metrics_robustness.py`` compares
 the scores on identical samples):
@@ -70,7 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from fragdefense.utils.checks import as_model_dtype, check_images, check_int_in_range
-from fragdefense.utils.conventions import eval_mode, make_generator, parse_budget, rand, randn
+from fragdefense.utils.conventions import default_chunk, eval_mode, make_generator, parse_budget, rand, randn
 
 __all__ = [
     "make_explain",
@@ -404,7 +404,7 @@ def robustness_scores(
     xflat = xp.reshape(b * n, *x.shape[1:])
     yflat = y.repeat_interleave(n)
     total = b * n
-    step = total if chunk_size is None else chunk_size
+    step = default_chunk(x) if chunk_size is None else chunk_size
 
     # The logits / representation of an image batch come from our own no-grad forward pass, or - when `explain`
     # is a make_explain saliency / input x gradient of this very model, whose one forward pass is the plain model
@@ -554,7 +554,8 @@ _COMMON_DOC = """
         clamp: clamp the perturbed images to ``[0, 1]`` (Quantus does not clamp: ``clamp=False``; the
             registered attribution methods reject images outside ``[0, 1]``).
         generator: ``None``, an int seed, a ``torch.Generator`` or a list of per-image seeds / generators.
-        chunk_size: perturbed images per ``explain`` call (default: all ``B * n_samples`` at once).
+        chunk_size: perturbed images per ``explain`` call (default: a memory budget,
+            :func:`~fragdefense.utils.conventions.default_chunk`).
         maps: the clean maps ``explain(x, y)`` ``(B, H, W)`` (computed when ``None``).
         perturbations: ``(n_samples, B, C, H, W)`` perturbed images to use instead of sampling.
 """

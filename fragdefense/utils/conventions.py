@@ -199,3 +199,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in modes:
             m.training = flag
+
+
+def default_chunk(x: torch.Tensor, floats: int = 2**19, minimum: int = 16) -> int:
+    """Images per model call when a batch of perturbed copies of ``x``'s images is scored in chunks and the caller
+    gave no ``chunk_size``: ``floats`` input values per call (about 170 CIFAR-size images, 16 at 224x224), at least
+    ``minimum``. Chunks of this size keep a small CNN's activations in cache on a CPU; larger ones were up to 2x
+    slower in ``benchmarks/bench_metrics.py`` (a GPU user passes a larger ``chunk_size``).
+
+    >>> default_chunk(torch.zeros(1, 3, 32, 32)), default_chunk(torch.zeros(1, 3, 224, 224))
+    (170, 16)
+    """
+    return max(int(minimum), int(floats) // max(1, int(x[0].numel())))
