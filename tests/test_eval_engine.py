@@ -309,3 +309,43 @@ def test_cell_store_merges_shards(tmp_path):
     merged = CellStore(tmp_path, {"a": 1}, 0, 2).merge(cell)
     assert [r["image"] for r in merged.rows] == [0, 1]
     assert merged.aggregate["n_skipped"] == 2 and abs(merged.aggregate["spearman"] - 0.3) < 1e-12
+
+
+def test_eval_certify_section(ckpt, tmp_path, monkeypatch):
+    """`certify.enabled=true`: per explainer a resumable certification cell, its table, the certified-maps figure
+    (and its W&B image); the record equals the library's run_certify on the same images and settings."""
+    from fragdefense.evaluation.certified import rate_key
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "cert"
+    over = [
+        f"checkpoint={ckpt}",
+        f"out_dir={out}",
+        *DATA,
+        "n_images=6",
+        "batch_size=6",
+        "methods=[saliency]",
+        "attacks=[random_sign]",
+        "eps=[8/255]",
+        "protocol.steps=1",
+        "n_figure_images=2",
+        "certify.enabled=true",
+        "certify.n0=4",
+        "certify.n=24",
+        "certify.sigma=0.12",
+        "certify.radii=[0.0,0.05]",
+    ]
+    payload = evaluate(compose_config("eval", over))
+    rec = payload["certify"][0]
+    assert rec["method"] == "saliency" and rec["n_images"] >= 1
+    assert 0.0 <= rec[rate_key(0.05)] <= rec[rate_key(0.0)] <= 1.0  # fewer pixels hold at a larger radius
+    rows = payload["certify_per_image"][0]["images"]
+    assert len(rows) == rec["n_images"]
+    assert (out / "certified_saliency.png").is_file()
+    assert "Certified attributions" in (out / "results.md").read_text()
+    assert any(k.startswith("figures/certified_saliency") for k in history_keys(_read_run(out)))
+    # rerun: the finished cell is read back, same numbers
+    again = evaluate(compose_config("eval", over))
+    assert again["certify"][0] == pytest.approx(rec)
+    with pytest.raises(ValueError, match="`certify.tau`"):
+        evaluate(compose_config("eval", [*over, "certify.tau=0.4"]))

@@ -44,12 +44,14 @@ from fragdefense.evaluation import (
     run_grid,
 )
 from fragdefense.evaluation import explainer_specs as _engine_explainer_specs
+from fragdefense.evaluation.certified import CERTIFY_DEFAULTS, check_certify_settings, run_certify
 from fragdefense.evaluation.explainers import attack_path as _attack_path
 from fragdefense.evaluation.explainers import explainer_specs
 from fragdefense.evaluation.explainers import pgd_evidence as _pgd_evidence
 from fragdefense.evaluation.explainers import seed_check as _seed_check
 from fragdefense.evaluation.explainers import time_explainer as _time_explainer
 from fragdefense.evaluation.figures import (
+    plot_certified_maps,
     plot_defense_comparison,
     plot_examples,
     plot_metrics_vs_eps,
@@ -57,6 +59,7 @@ from fragdefense.evaluation.figures import (
 )
 from fragdefense.evaluation.quality import run_quality, run_robust_accuracy
 from fragdefense.evaluation.report import (
+    certify_table,
     compare_table,
     comparison_table,
     cost_table,
@@ -192,7 +195,21 @@ def config_spec() -> dict[str, Any]:
         "robust_accuracy.eps": check_budget_list,
         "robust_accuracy.norm": lambda v, n: check_choice(v, n, ("linf", "l2")),
         "robust_accuracy.steps": optional(check_positive_int),
+        "certify.enabled": check_bool,
+        **{f"certify.{k}": _certify_key(k) for k in CERTIFY_DEFAULTS},
     }
+
+
+def _certify_key(key: str) -> Any:
+    """``check(v, name)`` of one certification setting, its error naming ``certify.<key>``."""
+
+    def check(v: Any, name: str) -> Any:
+        try:
+            return check_certify_settings({key: _plain(v)})[key]
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"`{name}`: {e}") from None
+
+    return check
 
 
 def _check_score_opts(v: Any, name: str) -> dict[str, Any]:
@@ -362,12 +379,15 @@ def _extras_config(cfg: Any) -> dict[str, Any]:
             "norm": r.get("norm", "linf"),
             "steps": r.get("steps"),
         }
+    c = _plain(cfg.get("certify")) or {}
+    if c.get("enabled"):
+        out["certify"] = check_certify_settings({k: v for k, v in c.items() if k != "enabled"})
     return out
 
 
 def _run_extras(
     cfg: DictConfig, model: Any, loader: Any, specs: dict, store: CellStore, device: Any, rank: int
-) -> tuple[list[Any], list[Any]]:
+) -> tuple[list[Any], list[Any], list[Any], dict[str, Any]]:
     """The explanation-quality cells (one per explainer) and robust-accuracy cells (one per label attack and
     eps) of one model, through the same store (resumable) and image shard; their cells on rank 0."""
     extras = _extras_config(cfg)
@@ -404,10 +424,31 @@ def _run_extras(
             robust_cells.append(res.cell)
             if rank == 0:
                 log.info("robust accuracy %s @ %s: %s", res.cell.attack, res.cell.eps, res.aggregate)
-    return quality_cells, robust_cells
+    certify_cells: list[Any] = []
+    certify_examples: dict[str, Any] = {}
+    if "certify" in extras:
+        n_ex = int(cfg.n_figure_images) if cfg.get("figures", True) and rank == 0 else 0
+        for res in run_certify(
+            model,
+            loader,
+            explainers=specs,
+            settings=extras["certify"],
+            seed=int(cfg.seed),
+            device=device,
+            store=store,
+            n_examples=n_ex,
+        ):
+            certify_cells.append(res.cell)
+            if res.examples is not None:
+                certify_examples[res.cell.explainer] = res.examples
+            if rank == 0:
+                log.info("certified %s: %s", res.cell.explainer, "resumed" if res.resumed else "done")
+    return quality_cells, robust_cells, certify_cells, certify_examples
 
 
-def _extras_records(store: CellStore, quality_cells: list[Any], robust_cells: list[Any]) -> dict[str, Any]:
+def _extras_records(
+    store: CellStore, quality_cells: list[Any], robust_cells: list[Any], certify_cells: list[Any] = ()
+) -> dict[str, Any]:
     """Merged (all shards) records of the quality and robust-accuracy cells, for results.json."""
     quality = [{"method": c.explainer, **store.merge(c).aggregate} for c in quality_cells]
     robust = []
@@ -422,6 +463,9 @@ def _extras_records(store: CellStore, quality_cells: list[Any], robust_cells: li
         out["quality_per_image"] = [{"method": c.explainer, "images": store.merge(c).rows} for c in quality_cells]
     if robust_cells:
         out["robust_accuracy"] = robust
+    if certify_cells:
+        out["certify"] = [{"method": c.explainer, **store.merge(c).aggregate} for c in certify_cells]
+        out["certify_per_image"] = [{"method": c.explainer, "images": store.merge(c).rows} for c in certify_cells]
     return out
 
 
@@ -505,7 +549,9 @@ def _grid_one(
                 bar.write(f"[{c.explainer} / {c.attack} / eps={c.eps}] {msg}; {what}")
             if res.examples is not None:
                 examples[c.key] = res.examples
-    quality_cells, robust_cells = _run_extras(cfg, model, loader, specs, store, device, rank)
+    quality_cells, robust_cells, certify_cells, certify_examples = _run_extras(
+        cfg, model, loader, specs, store, device, rank
+    )
     if fabric is not None:
         fabric.barrier()
     if rank != 0:
@@ -548,7 +594,7 @@ def _grid_one(
         "protocol": proto,
         "records": records,
         "per_image": per_image,
-        **_extras_records(store, quality_cells, robust_cells),
+        **_extras_records(store, quality_cells, robust_cells, certify_cells),
         "seconds": time.perf_counter() - t0,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -559,6 +605,15 @@ def _grid_one(
     if payload.get("robust_accuracy"):
         md += "\nRobust accuracy under label attacks (over all selected images):\n\n"
         md += robust_accuracy_table(payload["robust_accuracy"])
+    if payload.get("certify"):
+        cs = _extras_config(cfg)["certify"]
+        md += (
+            f"\nCertified attributions (sigma={cs['sigma']}, n0={cs['n0']}, n={cs['n']}, tau={cs['tau']}, "
+            f"alpha={cs['alpha']}, {cs['correction']}, top {cs['top_percent']} %): share of pixels certified with "
+            "radius >= r, and the drop of the class probability when the certified-important pixels (or as many "
+            "random ones) are deleted:\n\n"
+        )
+        md += certify_table(payload["certify"], cs["radii"])
     atomic_write_json(out_dir / "results.json", payload)
     atomic_write_text(out_dir / "results.md", md)
     figures: list[Path] = []
@@ -569,6 +624,12 @@ def _grid_one(
             ex = examples.get(c.key)
             if ex is not None and c.eps == top and (get_attack(c.attack).needs_gradient or len(attacks) == 1):
                 figures.append(plot_examples(ex, out_dir / f"examples_{c.explainer}_{c.attack}.png", title=f"{c.key}"))
+        radii = (_extras_config(cfg).get("certify") or {}).get("radii") or [0.0]
+        two = sorted({float(radii[0]), float(radii[-1])})
+        for label, ex in certify_examples.items():
+            figures.append(
+                plot_certified_maps(ex, two, out_dir / f"certified_{label}.png", title=f"certified {label} maps")
+            )
     rows_by_cell = {c.key: {row["image"]: row for row in p["images"]} for c, p in zip(cells, per_image)}
     _log_grid_wandb(wandb_run, out_dir, store, cells, records, rows_by_cell, figures, prefix=f"{name}/" if name else "")
     from rich.console import Console

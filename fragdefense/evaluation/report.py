@@ -20,6 +20,7 @@ __all__ = [
     "pgd_table",
     "quality_table",
     "robust_accuracy_table",
+    "certify_table",
 ]
 
 
@@ -286,5 +287,28 @@ def pgd_table(pgd: dict[str, Any]) -> str:
             f"{_f(r['orig_class_lens_recall'])} | {_f(r['orig_class_rate_topk_ge_threshold'], 2)} | "
             f"{_f(r['adv_class_topk_intersection'])} | {_f(r['adv_class_spearman'])} | "
             f"{_f(r['adv_class_lens_recall'])} | {_f(r['adv_class_rate_topk_ge_threshold'], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def certify_table(records: Sequence[Mapping[str, Any]], radii: Sequence[float]) -> str:
+    """Certified attributions per explainer: images, the certified-pixel rate at each radius, and the certified
+    deletion drop against random deletion of as many pixels (``-``: not measured).
+
+    >>> print(certify_table([{"method": "saliency", "n_images": 2, "rate_at_0": 0.5, "rate_at_0.1": 0.25,
+    ...     "deletion_drop_certified": 0.3, "deletion_drop_random": 0.1}], [0.0, 0.1]).splitlines()[2])
+    | saliency | 2 | 0.500 | 0.250 | 0.300 | 0.100 |
+    """
+    from fragdefense.evaluation.certified import rate_key
+
+    head = "| explainer | n | " + " | ".join(f"certified r >= {r:g}" for r in radii)
+    head += " | deletion drop, certified important | deletion drop, random |"
+    lines = [head, "|" + "---|" * (4 + len(radii))]
+    for r in records:
+        vals = [fmt(r.get(rate_key(float(q)))) for q in radii]
+        lines.append(
+            f"| {r['method']} | {r.get('n_images', 0)} | "
+            + " | ".join(vals)
+            + f" | {fmt(r.get('deletion_drop_certified'))} | {fmt(r.get('deletion_drop_random'))} |"
         )
     return "\n".join(lines) + "\n"
