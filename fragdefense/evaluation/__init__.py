@@ -4,7 +4,13 @@
   seeding, aggregation.
 * :mod:`~fragdefense.evaluation.store` — resumable on-disk store of finished cells (:class:`CellStore`).
 * :mod:`~fragdefense.evaluation.report` — every markdown table (grid, protocol, defense comparison, ...).
-* :mod:`~fragdefense.evaluation.figures` — every figure (metrics vs eps, examples, defense comparison).
+* :mod:`~fragdefense.evaluation.figures` — every figure (metrics vs eps, examples, defense comparison, certified
+  maps).
+* :mod:`~fragdefense.evaluation.quality` — explanation scores of the clean maps and robust accuracy under label
+  attacks as cells (:func:`~fragdefense.evaluation.quality.run_quality`,
+  :func:`~fragdefense.evaluation.quality.run_robust_accuracy`).
+* :mod:`~fragdefense.evaluation.certified` — certified attributions by randomized smoothing as cells
+  (:func:`~fragdefense.evaluation.certified.run_certify`).
 
 ``fragdefense-eval``, the :class:`~fragdefense.callbacks.FragilityMonitor` and the defense comparison call these;
 the command keeps only config parsing and file output, the callback only hooks and logging.
