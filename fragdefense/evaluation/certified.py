@@ -11,12 +11,14 @@ batch it is in. Cells go
 through the same resumable :class:`~fragdefense.evaluation.store.CellStore` as the attack and quality cells.
 
 Rows: ``image``, ``label`` (the explained class: the true label), ``certified_rate`` (share of pixels certified),
-``certified_important_rate`` (share certified important), ``abstain_rate``, ``rate_at_<r>`` for each radius ``r``
-of ``radii`` (share certified with radius ``>= r``), ``common_radius`` (``sigma * Phi^-1(tau)``),
-``deletion_drop_certified`` / ``deletion_drop_random`` (drop of the target-class probability when the
-certified-important pixels / as many random pixels are set to 0, :func:`~fragdefense.certify.certified_deletion`)
-and, when object masks are given, ``localization`` (share of the certified-important pixels inside the mask;
-``None`` without any certified-important pixel). The aggregate is the mean of each over the images.
+``certified_important_rate`` (share certified important), ``abstain_rate``, ``rate_at_<r>`` for each radius ``r`` of
+``radii`` (share certified with radius ``>= r``), ``common_radius`` (``sigma * Phi^-1(tau)``),
+``deletion_drop_certified`` / ``deletion_drop_random`` (drop of the target-class probability when the certified-
+important pixels / as many random pixels are set to 0, :func:`~fragdefense.certify.certified_deletion`),
+``certified_map_deletion_auc`` (the deletion AUC of :func:`~fragdefense.metrics.faithfulness.deletion_auc`, 32
+steps, over the certified map: certified important first, then abstained, then certified not important) and, when
+object masks are given, ``localization`` (share of the certified-important pixels inside the mask; ``None`` without
+any certified-important pixel). The aggregate is the mean of each over the images.
 
 >>> import torch
 >>> from fragdefense.models import create_model
@@ -277,6 +279,7 @@ def run_certify_cell(
     """
     from fragdefense.attributions.maps import to_map
     from fragdefense.certify import certified_deletion, certified_localization
+    from fragdefense.metrics.faithfulness import deletion_auc
 
     s = check_certify_settings(
         dict(
@@ -312,6 +315,16 @@ def run_certify_cell(
                 imp = res.certified_important.flatten(1).to(torch.float64).mean(1).cpu().tolist()
                 cert = res.certified_rate.cpu().tolist()
                 d_cert, d_rand = dele.drop_certified.cpu().tolist(), dele.drop_random.cpu().tolist()
+                # faithfulness of the certified map with the project's deletion metric: pixels deleted in the order
+                # certified important > abstain > certified not important (ties in a per-image seeded order)
+                cmap = torch.where(res.labels == 1, 1.0, torch.where(res.labels == -1, 0.5, 0.0)).to(dev)
+                dauc = (
+                    deletion_auc(
+                        model, xk, yk, cmap, steps=min(32, cmap[0].numel()), chunk_size=s["chunk_size"], generator=dgen
+                    )
+                    .cpu()
+                    .tolist()
+                )
                 loc = certified_localization(res, mask.to(dev)).cpu().tolist() if mask is not None else None
                 for j, i in enumerate(ik):
                     row: dict[str, Any] = {
@@ -324,6 +337,7 @@ def run_certify_cell(
                         "common_radius": float(res.common_radius),
                         "deletion_drop_certified": float(d_cert[j]),
                         "deletion_drop_random": float(d_rand[j]),
+                        "certified_map_deletion_auc": float(dauc[j]),
                     }
                     if loc is not None:
                         row["localization"] = _num(float(loc[j]))

@@ -297,18 +297,19 @@ def certify_table(records: Sequence[Mapping[str, Any]], radii: Sequence[float]) 
 
     >>> print(certify_table([{"method": "saliency", "n_images": 2, "rate_at_0": 0.5, "rate_at_0.1": 0.25,
     ...     "deletion_drop_certified": 0.3, "deletion_drop_random": 0.1}], [0.0, 0.1]).splitlines()[2])
-    | saliency | 2 | 0.500 | 0.250 | 0.300 | 0.100 |
+    | saliency | 2 | 0.500 | 0.250 | 0.300 | 0.100 | - |
     """
     from fragdefense.evaluation.certified import rate_key
 
     head = "| explainer | n | " + " | ".join(f"certified r >= {r:g}" for r in radii)
-    head += " | deletion drop, certified important | deletion drop, random |"
-    lines = [head, "|" + "---|" * (4 + len(radii))]
+    head += " | deletion drop, certified important | deletion drop, random | certified-map deletion AUC ↓ |"
+    lines = [head, "|" + "---|" * (5 + len(radii))]
     for r in records:
         vals = [fmt(r.get(rate_key(float(q)))) for q in radii]
         lines.append(
             f"| {r['method']} | {r.get('n_images', 0)} | "
             + " | ".join(vals)
-            + f" | {fmt(r.get('deletion_drop_certified'))} | {fmt(r.get('deletion_drop_random'))} |"
+            + f" | {fmt(r.get('deletion_drop_certified'))} | {fmt(r.get('deletion_drop_random'))}"
+            + f" | {fmt(r.get('certified_map_deletion_auc'))} |"
         )
     return "\n".join(lines) + "\n"
