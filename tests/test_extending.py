@@ -50,8 +50,7 @@ def test_extensions_run_through_train_monitor_and_eval(tmp_path, registered, mon
             "model.width=8",
             "+regularizer._target_=ext_plugin.ExtLogitPenalty",
             "+regularizer.weight=0.01",
-            "~callbacks.fragility.methods",
-            "+callbacks.fragility.methods={ext_grad_sq:{}}",
+            "callbacks.fragility.methods={ext_grad_sq:{}}",  # replaces the default set (default_methods)
             "callbacks.fragility.attacks=[random_sign,ext_spread]",
             "callbacks.fragility.n_probe=4",
             "callbacks.fragility.steps=2",
